@@ -1,0 +1,144 @@
+"""Log-densities, sampling and Monte-Carlo divergences of Gaussian mixtures (spec 7.12, 7.13)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from gmflow.gm import backend as _backend
+from gmflow.gm._checks import check_gm_event, promote, promote_gm
+from gmflow.gm.mixture import GaussianMixture, IsoGaussian
+
+__all__ = ["iso_gaussian_logprob", "gm_logprob", "gm_to_sample", "gm_kl_div", "gm_entropy"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def iso_gaussian_logprob(g: IsoGaussian, x: Tensor) -> Tensor:
+    """Log-density of N(m, v I_C) per pixel: −½‖x − m‖²/v − (C/2) log v − (C/2) log 2π.
+
+    Args:
+        g: mean (..., C, H, W), var (..., 1, H, W) or (..., 1, 1, 1).
+        x: (..., n, C, H, W) points.
+
+    Returns:
+        (..., n, H, W).
+    """
+    c = g.mean.shape[-3]
+    if x.dim() < 4 or x.shape[-3] != c or x.shape[-2:] != g.mean.shape[-2:]:
+        raise ValueError(
+            f"iso_gaussian_logprob: x must be (..., n, C={c}, H, W) to match mean "
+            f"{tuple(g.mean.shape)}, got {tuple(x.shape)}"
+        )
+    mean, var, x = promote(g.mean, g.var, x)
+    sq = (x - mean.unsqueeze(-4)).square().sum(dim=-3)                  # (..., n, H, W)
+    v = var.unsqueeze(-4).squeeze(-3)                                   # (..., 1, h, w)
+    return -0.5 * sq / v - 0.5 * c * (torch.log(v) + _LOG_2PI)
+
+
+def _check_points(name: str, gm: GaussianMixture, x: Tensor) -> None:
+    if x.dim() < 4:
+        raise ValueError(
+            f"{name}: x must be (..., n, C, H, W) with a sample axis n before C, got "
+            f"{tuple(x.shape)}; add one with x.unsqueeze(-4)"
+        )
+    check_gm_event(name + ": x", gm, tuple(x.shape[:-4] + x.shape[-3:]), "points")
+    if x.shape[-2:] != gm.means.shape[-2:]:
+        raise ValueError(
+            f"{name}: x spatial size {tuple(x.shape[-2:])} differs from the mixture's "
+            f"{tuple(gm.means.shape[-2:])}"
+        )
+
+
+def gm_logprob_torch(gm: GaussianMixture, x: Tensor) -> Tensor:
+    """Reference (torch, differentiable) mixture log-density; see :func:`gm_logprob`."""
+    c = gm.num_channels
+    means = gm.means.unsqueeze(-5)                                      # (..., 1, K, C, H, W)
+    xs = x.unsqueeze(-4)                                                # (..., n, 1, C, H, W)
+    logstds = gm.logstds.unsqueeze(-5)                                  # (..., 1, 1|K, 1, 1, 1)
+    sq = (xs - means).square().sum(dim=-3, keepdim=True)                # (..., n, K, 1, H, W)
+    comp = -0.5 * sq * torch.exp(-2 * logstds) - c * logstds - 0.5 * c * _LOG_2PI
+    return torch.logsumexp(gm.logweights.unsqueeze(-5) + comp, dim=-4).squeeze(-3)
+
+
+def gm_logprob(gm: GaussianMixture, x: Tensor) -> Tensor:
+    """Log-density of each pixel's mixture (spec 7.13).
+
+    log p(x) = logsumexp_k [log A_k − ½‖x − μ_k‖²/s_k² − C log s_k − (C/2) log 2π].
+
+    Args:
+        gm: means (..., K, C, H, W).
+        x: (..., n, C, H, W).
+
+    Returns:
+        (..., n, H, W).
+    """
+    _check_points("gm_logprob", gm, x)
+    gm, (x,) = promote_gm(gm, x)
+    kernel = _backend.kernel_for("gm_logprob", gm.means, gm.logweights, gm.logstds, x)
+    if kernel is not None:
+        return kernel(gm.means, gm.logweights, gm.logstds, x)
+    return gm_logprob_torch(gm, x)
+
+
+def gm_to_sample(
+    gm: GaussianMixture,
+    n: int = 1,
+    power: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw n samples per pixel: a component from softmax(p·log A), then μ_k + s_k·N(0, I) (spec 7.12).
+
+    Pixels are independent. Exact for p = 1.
+
+    Returns:
+        (..., n, C, H, W).
+    """
+    if n < 1:
+        raise ValueError(f"gm_to_sample: n must be >= 1, got {n}")
+    gm, _ = promote_gm(gm)
+    batch = torch.broadcast_shapes(gm.means.shape[:-4], gm.logweights.shape[:-4], gm.logstds.shape[:-4])
+    k, c, h, w = gm.means.shape[-4:]
+    logw = gm.logweights if power == 1.0 else torch.log_softmax(power * gm.logweights, dim=-4)
+    logw = logw.expand(*batch, k, 1, h, w)
+    cdf = logw.squeeze(-3).movedim(-3, -1).softmax(-1).cumsum(-1)       # (..., H, W, K)
+    cdf = cdf.contiguous()
+    u = torch.rand(*batch, h, w, n, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = u * cdf[..., -1:]                                               # guard rounding of the last bin
+    idx = torch.searchsorted(cdf, u.contiguous()).clamp_max(k - 1)      # (..., H, W, n)
+    idx = idx.movedim(-1, -3).unsqueeze(-3)                             # (..., n, 1, H, W)
+    means = gm.means.expand(*batch, k, c, h, w)
+    chosen = torch.gather(means, -4, idx.expand(*batch, n, c, h, w))    # (..., n, C, H, W)
+    noise = torch.randn(
+        *batch, n, c, h, w, generator=generator, device=chosen.device, dtype=chosen.dtype
+    )
+    logstds = gm.logstds.expand(*batch, *gm.logstds.shape[-4:])
+    if logstds.shape[-4] == 1:
+        std = logstds.exp()                                             # (..., 1, 1, 1, 1)
+    else:
+        std = torch.gather(logstds.expand(*batch, k, 1, h, w), -4, idx).exp()
+    return chosen + std * noise
+
+
+def gm_kl_div(
+    p: GaussianMixture, q: GaussianMixture, n: int = 32, generator: torch.Generator | None = None
+) -> Tensor:
+    """Monte-Carlo KL(p ‖ q) = E_p[log p − log q] per pixel with n samples (spec 7.13).
+
+    Returns:
+        (..., 1, H, W).
+    """
+    x = gm_to_sample(p, n, generator=generator)                         # (..., n, C, H, W)
+    return (gm_logprob(p, x) - gm_logprob(q, x)).mean(dim=-3, keepdim=True)
+
+
+def gm_entropy(gm: GaussianMixture, n: int = 32, generator: torch.Generator | None = None) -> Tensor:
+    """Monte-Carlo entropy −E[log p] per pixel with n samples (spec 7.13).
+
+    Returns:
+        (..., 1, H, W).
+    """
+    x = gm_to_sample(gm, n, generator=generator)
+    return -gm_logprob(gm, x).mean(dim=-3, keepdim=True)
