@@ -1,0 +1,195 @@
+"""The schema of a training recipe (``gmflow train recipe.yaml``). Plain dataclasses; imports no torch.
+
+Defaults are the paper's ImageNet GM-DiT settings (spec 11.1) unless a comment says otherwise; each
+recipe in ``recipes/`` is complete and standalone. Cross-field checks live in ``__post_init__`` so
+that an inconsistent recipe fails at load time, before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "LossConfig",
+    "OptimConfig",
+    "EMAConfig",
+    "ValidationConfig",
+    "TrainConfig",
+    "RunConfig",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The denoiser (and the optional spectrum net)."""
+
+    arch: Literal["gmdit", "mlp2d"] = "gmdit"
+    preset: Literal["S/2", "B/2", "L/2", "XL/2", "custom"] = "XL/2"  # DiT size (gmdit)
+    num_gaussians: int = 8                 # K, mixture components per pixel
+    in_channels: int = 4                   # C: 4 for SD-VAE latents, 1/3 for pixels
+    sample_size: int = 32                  # H = W of the model input
+    patch_size: int = 2                    # gmdit patch size (custom preset)
+    hidden_size: int = 1152                # gmdit width (custom preset only)
+    depth: int = 28                        # gmdit blocks (custom preset only)
+    num_heads: int = 16                    # gmdit attention heads (custom preset only)
+    num_classes: int = 1000                # class-conditional; the null class id is num_classes
+    logstd_inner_dim: int = 1024           # width of the log-std MLP of the GM head
+    use_checkpointing: bool = False        # gradient checkpointing of every block
+    use_spectrum_net: bool = True          # train the spectrum MLP for spectral GM-SDE sampling
+    spectrum_layers: tuple[int, ...] = (64, 8)
+    hidden_dim: int = 512                  # mlp2d width
+    num_layers: int = 5                    # mlp2d depth
+
+    def __post_init__(self) -> None:
+        if self.num_gaussians < 1:
+            raise ValueError(f"model.num_gaussians must be >= 1, got {self.num_gaussians}")
+        if self.arch == "gmdit" and self.sample_size % self.patch_size:
+            raise ValueError(
+                f"model.sample_size={self.sample_size} must be divisible by "
+                f"model.patch_size={self.patch_size}"
+            )
+        if self.arch == "mlp2d" and (self.in_channels != 2 or self.sample_size != 1):
+            raise ValueError(
+                "model.arch='mlp2d' is the 2-D toy denoiser: it needs in_channels=2 and sample_size=1"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where training samples come from."""
+
+    kind: Literal["checkerboard", "shards"] = "shards"
+    path: str | None = None                # shards: the cache-data output folder (manifest.json)
+    num_workers: int = 4                   # shards: DataLoader workers per rank
+    shuffle_buffer: int = 10_000           # shards: samples in the shuffle buffer
+    label_dropout: float = 0.1             # probability of replacing a label by the null class
+
+    def __post_init__(self) -> None:
+        if self.kind == "shards" and not self.path:
+            raise ValueError("data.kind='shards' needs data.path (the folder written by cache-data)")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"data.label_dropout must be in [0, 1), got {self.label_dropout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """Timestep sampling and the transition / spectral losses (spec 4.1-4.4)."""
+
+    timesteps: Literal["uniform", "logit_normal"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0                     # σ ← s·σ/(1 + (s − 1)σ)
+    trans_ratio: float = 0.5               # λ: σ_low = σ_high·(1 − λ); 1 is the plain GM NLL
+    loss_scale: float = 8.0                # [LL] scale of the per-channel NLL (8 ≡ [orig] 2 for C = 4)
+    spectral_weight: float = 4.0           # w_spec of the spectral loss ([LL])
+
+    def __post_init__(self) -> None:
+        if not 0 < self.trans_ratio <= 1:
+            raise ValueError(f"loss.trans_ratio must be in (0, 1], got {self.trans_ratio}")
+        if self.shift <= 0:
+            raise ValueError(f"loss.shift must be > 0, got {self.shift}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW, warm-up and clipping (spec 4.6)."""
+
+    kind: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs bitsandbytes (CUDA)
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05             # not applied to biases
+    warmup_steps: int = 1000               # linear warm-up from warmup_start_ratio·lr
+    warmup_start_ratio: float = 0.001
+    grad_clip: float | None = 10.0         # global-norm clipping; null disables it
+    grad_clip_from_step: int = 1000        # clipping (and non-finite skipping) active from here
+    max_consecutive_skips: int = 20        # raise DivergenceError after this many skipped steps
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EMAConfig:
+    """EMA of the weights (spec 4.6 rampup, 4.7 karras)."""
+
+    kind: Literal["rampup", "karras", "constant", "none"] = "rampup"
+    ema_kimg: float = 30000.0
+    rampup: float = 0.05
+    gamma: float = 7.0
+    beta: float = 0.9999
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationConfig:
+    """The sample grid drawn from the EMA model during training."""
+
+    every: int = 20_000                    # steps between grids (0 disables)
+    solver: Literal["gm-ode", "gm-sde"] = "gm-ode"
+    order: Literal[1, 2] = 2
+    num_steps: int = 16
+    num_substeps: int | None = 8
+    guidance_scale: float = 0.04
+    num_images: int = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The loop: batch, steps, precision, checkpoints, logs."""
+
+    max_steps: int = 200_000
+    global_batch_size: int = 4096          # = batch_size_per_device × grad_accum_steps × world size
+    batch_size_per_device: int = 512
+    grad_accum_steps: int = 1
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast on GPU; CPU always runs fp32
+    compile: bool = False                  # torch.compile the denoiser
+    checkpoint_every: int = 1000
+    checkpoint_milestones: tuple[int, ...] = (40_000, 80_000, 120_000, 160_000, 200_000)
+    keep_last: int = 1
+    log_every: int = 100
+    use_tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.batch_size_per_device < 1 or self.grad_accum_steps < 1:
+            raise ValueError("train.batch_size_per_device and train.grad_accum_steps must be >= 1")
+        per_rank = self.batch_size_per_device * self.grad_accum_steps
+        if self.global_batch_size % per_rank:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"batch_size_per_device × grad_accum_steps = {per_rank}"
+            )
+        if self.checkpoint_every < 1 or self.keep_last < 1 or self.log_every < 1:
+            raise ValueError("train.checkpoint_every, keep_last and log_every must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A complete training recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(kind="checkerboard"))
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.kind == "checkerboard" and self.model.arch != "mlp2d":
+            raise ValueError("data.kind='checkerboard' is 2-D data: it needs model.arch='mlp2d'")
+        if self.model.arch == "mlp2d" and self.model.use_spectrum_net:
+            raise ValueError("model.use_spectrum_net applies to images; set it false for mlp2d")
+
+    def world_size(self) -> int:
+        """The number of ranks implied by the batch settings."""
+        per_rank = self.train.batch_size_per_device * self.train.grad_accum_steps
+        return self.train.global_batch_size // per_rank
