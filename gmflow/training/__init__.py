@@ -1,1 +1,5 @@
-"""Training infrastructure: EMA, atomic checkpoints, torchrun helpers (the loop arrives with its issue)."""
+"""The GMFlow trainer: ``train(cfg, run_dir)`` (single process or torchrun) and its parts."""
+
+from gmflow.training.loop import TrainResult, train
+
+__all__ = ["train", "TrainResult"]
