@@ -34,11 +34,16 @@ def check_gm_event(name: str, gm: GaussianMixture, shape: tuple[int, ...], what:
             f"{name}: expected {what} of shape (..., C={c}, H={h}, W={w}) to match the mixture "
             f"means {tuple(gm.means.shape)}, got {shape}"
         )
+    check_batch(name, gm, tuple(shape[:-3]))
+
+
+def check_batch(name: str, gm: GaussianMixture, batch: tuple[int, ...]) -> None:
+    """Check that the leading batch dims of an argument broadcast with the mixture's."""
     try:
-        torch.broadcast_shapes(tuple(shape[:-3]), tuple(gm.batch_shape))
+        torch.broadcast_shapes(tuple(batch), tuple(gm.batch_shape))
     except RuntimeError:
         raise ValueError(
-            f"{name}: batch dims {tuple(shape[:-3])} do not broadcast with the mixture batch dims "
+            f"{name}: batch dims {tuple(batch)} do not broadcast with the mixture batch dims "
             f"{tuple(gm.batch_shape)}"
         ) from None
 
@@ -46,6 +51,7 @@ def check_gm_event(name: str, gm: GaussianMixture, shape: tuple[int, ...], what:
 def check_iso_for_gm(name: str, gm: GaussianMixture, g: IsoGaussian, per_sample_var: bool) -> None:
     """Check an iso Gaussian against a mixture (C, H, W and batch dims; var per sample if asked)."""
     check_gm_event(f"{name}.mean", gm, tuple(g.mean.shape), "a mean")
+    check_batch(f"{name}.var", gm, tuple(g.var.shape[:-3]))
     h, w = gm.means.shape[-2:]
     if per_sample_var and tuple(g.var.shape[-2:]) != (1, 1) and (h, w) != (1, 1):
         raise ValueError(

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from gmflow.gm import backend as _backend
-from gmflow.gm._checks import check_gm_event, promote, promote_gm
+from gmflow.gm._checks import check_batch, promote, promote_gm
 from gmflow.gm.mixture import GaussianMixture, IsoGaussian
 
 __all__ = ["iso_gaussian_logprob", "gm_logprob", "gm_to_sample", "gm_kl_div", "gm_entropy"]
@@ -32,6 +32,14 @@ def iso_gaussian_logprob(g: IsoGaussian, x: Tensor) -> Tensor:
             f"iso_gaussian_logprob: x must be (..., n, C={c}, H, W) to match mean "
             f"{tuple(g.mean.shape)}, got {tuple(x.shape)}"
         )
+    try:
+        torch.broadcast_shapes(tuple(x.shape[:-4]), tuple(g.mean.shape[:-3]))
+    except RuntimeError:
+        raise ValueError(
+            f"iso_gaussian_logprob: x batch dims {tuple(x.shape[:-4])} do not broadcast with the "
+            f"mean batch dims {tuple(g.mean.shape[:-3])} (x {tuple(x.shape)}, mean "
+            f"{tuple(g.mean.shape)})"
+        ) from None
     mean, var, x = promote(g.mean, g.var, x)
     sq = (x - mean.unsqueeze(-4)).square().sum(dim=-3)                  # (..., n, H, W)
     v = var.unsqueeze(-4).squeeze(-3)                                   # (..., 1, h, w)
@@ -39,17 +47,14 @@ def iso_gaussian_logprob(g: IsoGaussian, x: Tensor) -> Tensor:
 
 
 def _check_points(name: str, gm: GaussianMixture, x: Tensor) -> None:
-    if x.dim() < 4:
+    c, h, w = gm.means.shape[-3:]
+    if x.dim() < 4 or tuple(x.shape[-3:]) != (c, h, w):
         raise ValueError(
-            f"{name}: x must be (..., n, C, H, W) with a sample axis n before C, got "
-            f"{tuple(x.shape)}; add one with x.unsqueeze(-4)"
+            f"{name}: x must be (..., n, C={c}, H={h}, W={w}), with a sample axis n before C, to "
+            f"match the mixture means {tuple(gm.means.shape)}, got {tuple(x.shape)}; add a "
+            "sample axis with x.unsqueeze(-4)"
         )
-    check_gm_event(name + ": x", gm, tuple(x.shape[:-4] + x.shape[-3:]), "points")
-    if x.shape[-2:] != gm.means.shape[-2:]:
-        raise ValueError(
-            f"{name}: x spatial size {tuple(x.shape[-2:])} differs from the mixture's "
-            f"{tuple(gm.means.shape[-2:])}"
-        )
+    check_batch(name + ": x", gm, tuple(x.shape[:-4]))
 
 
 def gm_logprob_torch(gm: GaussianMixture, x: Tensor) -> Tensor:
@@ -107,7 +112,9 @@ def gm_to_sample(
     cdf = cdf.contiguous()
     u = torch.rand(*batch, h, w, n, generator=generator, device=cdf.device, dtype=cdf.dtype)
     u = u * cdf[..., -1:]                                               # guard rounding of the last bin
-    idx = torch.searchsorted(cdf, u.contiguous()).clamp_max(k - 1)      # (..., H, W, n)
+    # right=True picks the k with cdf[k-1] <= u < cdf[k], so a zero-weight component (an empty bin,
+    # e.g. after gm_temperature with tau -> 0) is never drawn, not even for u = 0
+    idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_max(k - 1)  # (..., H, W, n)
     idx = idx.movedim(-1, -3).unsqueeze(-3)                             # (..., n, 1, H, W)
     means = gm.means.expand(*batch, k, c, h, w)
     chosen = torch.gather(means, -4, idx.expand(*batch, n, c, h, w))    # (..., n, C, H, W)
@@ -130,6 +137,12 @@ def gm_kl_div(
     Returns:
         (..., 1, H, W).
     """
+    if p.means.shape[-3:] != q.means.shape[-3:]:
+        raise ValueError(
+            f"gm_kl_div: q.means {tuple(q.means.shape)} must have the event shape (C, H, W) of "
+            f"p.means {tuple(p.means.shape)}"
+        )
+    check_batch("gm_kl_div: q", p, tuple(q.batch_shape))
     x = gm_to_sample(p, n, generator=generator)                         # (..., n, C, H, W)
     return (gm_logprob(p, x) - gm_logprob(q, x)).mean(dim=-3, keepdim=True)
 

@@ -11,8 +11,15 @@ import torch
 from torch import Tensor
 
 from gmflow.gm import backend as _backend
-from gmflow.gm._checks import check_finite, check_gm_event, check_iso_for_gm, promote, promote_gm
-from gmflow.gm.mixture import FullGaussianMixture, Gaussian, GaussianMixture, IsoGaussian
+from gmflow.gm._checks import (
+    check_batch,
+    check_finite,
+    check_gm_event,
+    check_iso_for_gm,
+    promote,
+    promote_gm,
+)
+from gmflow.gm.mixture import FullGaussianMixture, Gaussian, GaussianMixture, IsoGaussian, gm_dtype
 
 __all__ = [
     "gm_mul_iso_gaussian",
@@ -77,11 +84,13 @@ def iso_gaussian_mul_iso_gaussian(
     Precisions add: Z = max(p1 v2 + p2 v1, eps), v = v1 v2/Z, m = (p1 v2 m1 + p2 v1 m2)/Z.
     """
     try:
+        if g1.mean.shape[-3] != g2.mean.shape[-3]:
+            raise RuntimeError  # a C = 1 operand must not broadcast over the other's channels
         torch.broadcast_shapes(g1.mean.shape, g2.mean.shape)
     except RuntimeError:
         raise ValueError(
             f"iso_gaussian_mul_iso_gaussian: g1.mean {tuple(g1.mean.shape)} and g2.mean "
-            f"{tuple(g2.mean.shape)} do not broadcast"
+            f"{tuple(g2.mean.shape)} do not broadcast (channel counts C must be equal)"
         ) from None
     m1, v1, m2, v2 = promote(g1.mean, g1.var, g2.mean, g2.var)
     z = (p1 * v2 + p2 * v1).clamp_min(eps)
@@ -134,7 +143,7 @@ def gm_mul_gaussian(
     c = gm.num_channels
     eye = torch.eye(c, dtype=g_cov.dtype, device=g_cov.device)
     prec_g = rho * torch.linalg.inv(g_cov).unsqueeze(-5)                # (..., 1, H, W, C, C)
-    s2 = torch.exp(2 * gm.logstds).squeeze(-3).unsqueeze(-1)            # (..., 1|K, 1, 1, 1)
+    s2 = torch.exp(2 * gm.logstds).unsqueeze(-1)                        # (..., 1|K, 1, 1, 1, 1)
     cov = torch.linalg.inv(eye / s2 + prec_g)                           # (..., 1|K, H, W, C, C)
     cov = 0.5 * (cov + cov.transpose(-1, -2))
     mu = gm.means.movedim(-3, -1)                                       # (..., K, H, W, C)
@@ -164,6 +173,7 @@ def gm_mul_gm(gm1: GaussianMixture, gm2: GaussianMixture) -> GaussianMixture:
             f"gm_mul_gm: event shapes (C, H, W) differ: gm1.means {tuple(gm1.means.shape)} vs "
             f"gm2.means {tuple(gm2.means.shape)}"
         )
+    check_batch("gm_mul_gm: gm2", gm1, tuple(gm2.batch_shape))
     m1, lw1, ls1, m2, lw2, ls2 = promote(
         gm1.means, gm1.logweights, gm1.logstds, gm2.means, gm2.logweights, gm2.logstds
     )
@@ -196,12 +206,18 @@ def _broadcast_condition_args(
     name: str, gm: GaussianMixture, precision: Tensor | float, linear: Tensor
 ) -> tuple[GaussianMixture, Tensor, Tensor]:
     check_gm_event(f"{name}: linear", gm, tuple(linear.shape), "a linear term")
-    precision = torch.as_tensor(precision, device=linear.device)
+    if not isinstance(precision, Tensor):
+        # a Python number takes the maths dtype directly: torch.as_tensor alone would round it to
+        # the default float32 before promotion and cost fp64 inputs their precision
+        dtype = gm_dtype(gm.means.dtype, gm.logweights.dtype, gm.logstds.dtype, linear.dtype)
+        precision = torch.as_tensor(precision, dtype=dtype, device=linear.device)
     if precision.dim() > 0 and (precision.dim() < 3 or precision.shape[-3:] != (1, 1, 1)):
         raise ValueError(
             f"{name}: precision must be a scalar or of shape (..., 1, 1, 1) (one per sample), "
             f"got {tuple(precision.shape)}"
         )
+    if precision.dim() > 0:
+        check_batch(f"{name}: precision", gm, tuple(precision.shape[:-3]))
     if not precision.is_floating_point():
         precision = precision.to(linear.dtype if linear.is_floating_point() else torch.float32)
     gm, (precision, linear) = promote_gm(gm, precision, linear)

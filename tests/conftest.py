@@ -1,0 +1,142 @@
+"""Shared test fixtures: a fixed seed, a random Gaussian-mixture factory, the shared fixtures dir.
+
+Keep this file small: fixtures used by one test module belong in that module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmflow.gm import GaussianMixture
+
+SEED = 0
+"""The seed of every test (global torch RNG and the ``generator`` fixture)."""
+
+FIXTURES_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
+"""Tiny official checkpoints with reference outputs (read-only, outside the repo)."""
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed() -> None:
+    """Seed torch's global RNG before every test, so that tests do not depend on their order."""
+    torch.manual_seed(SEED)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A CPU generator seeded with :data:`SEED` (pass it to samplers for reproducible draws)."""
+    return torch.Generator().manual_seed(SEED)
+
+
+def make_random_gm(
+    K: int,
+    C: int,
+    H: int,
+    W: int,
+    batch: tuple[int, ...] = (2,),
+    dtype: torch.dtype = torch.float64,
+    per_component_std: bool = False,
+    generator: torch.Generator | None = None,
+    std_range: tuple[float, float] = (0.05, 2.0),
+) -> GaussianMixture:
+    """Return a random GM.
+
+    Means ~ N(0, 1), log A = log_softmax(2·N(0, 1)), s log-uniform in ``std_range``.
+
+    Args:
+        K, C, H, W: components, channels, height, width.
+        batch: the leading batch dims.
+        dtype: dtype of every field.
+        per_component_std: logstds (..., K, 1, 1, 1) instead of (..., 1, 1, 1, 1).
+        generator: the random source (torch's global RNG when None).
+        std_range: (s_min, s_max); spec 16 uses [0.05, 2].
+    """
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    means = randn(*batch, K, C, H, W)
+    logweights = torch.log_softmax(2.0 * randn(*batch, K, 1, H, W), dim=-4)
+    lo, hi = math.log(std_range[0]), math.log(std_range[1])
+    k_std = K if per_component_std else 1
+    u = torch.rand(*batch, k_std, 1, 1, 1, generator=generator, dtype=torch.float64)
+    logstds = lo + (hi - lo) * u
+    return GaussianMixture(means.to(dtype), logweights.to(dtype), logstds.to(dtype))
+
+
+@pytest.fixture
+def random_gm(generator: torch.Generator) -> Callable[..., GaussianMixture]:
+    """Factory ``random_gm(K, C, H, W, batch=(2,), dtype=float64, per_component_std=False, ...)``.
+
+    Successive calls in one test draw different mixtures from the seeded ``generator`` fixture;
+    see :func:`make_random_gm` for the distribution of the parameters.
+    """
+
+    def factory(*args, **kwargs) -> GaussianMixture:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("generator", generator)
+        return make_random_gm(*args, **kwargs)
+
+    return factory
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    """``<repo>/../shared/fixtures`` (tiny official checkpoints); skips the test where absent."""
+    if not FIXTURES_DIR.is_dir():
+        pytest.skip(
+            f"shared fixtures not found at {FIXTURES_DIR.resolve()}; they live next to the "
+            "repository checkout (../shared/fixtures) and are not part of it"
+        )
+    return FIXTURES_DIR.resolve()
+
+
+def gm_distribution(gm: GaussianMixture) -> torch.distributions.MixtureSameFamily:
+    """The same per-pixel mixture as ``torch.distributions``: batch (..., H, W), event (C,).
+
+    An independent reference for log-densities and moments (it shares no code with ``gmflow.gm``).
+    """
+    # (..., K, C, H, W) -> (..., H, W, K, C)
+    means = gm.means.movedim(-4, -1).movedim(-4, -1)
+    scale = gm.logstds.exp().expand(*gm.logstds.shape[:-3], *gm.means.shape[-3:])
+    scale = scale.movedim(-4, -1).movedim(-4, -1)
+    means, scale = torch.broadcast_tensors(means, scale)
+    logits = gm.logweights.squeeze(-3).movedim(-3, -1)  # (..., H, W, K)
+    components = torch.distributions.Independent(torch.distributions.Normal(means, scale), 1)
+    return torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=logits), components, validate_args=False
+    )
+
+
+def reference_gm_logprob(gm: GaussianMixture, x: torch.Tensor) -> torch.Tensor:
+    """log p(x) per pixel through :func:`gm_distribution`; x (..., n, C, H, W) -> (..., n, H, W)."""
+    dist = gm_distribution(gm)
+    xs = x.movedim(-3, -1).movedim(-4, 0)  # (n, ..., H, W, C)
+    return dist.log_prob(xs).movedim(0, -3)
+
+
+@pytest.fixture
+def ref_gm_logprob() -> Callable[[GaussianMixture, torch.Tensor], torch.Tensor]:
+    """The independent reference mixture log-density :func:`reference_gm_logprob`."""
+    return reference_gm_logprob
+
+
+@pytest.fixture
+def to_torch_mixture() -> Callable[[GaussianMixture], torch.distributions.MixtureSameFamily]:
+    """The converter :func:`gm_distribution` (reference means, variances, log-densities)."""
+    return gm_distribution
+
+
+@pytest.fixture(params=["torch", "auto"])
+def gm_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test twice: on the torch reference, then on the automatic backend choice.
+
+    On CPU without autograd, 'auto' runs the numba-cpu kernels of the hot ops (gm_logprob,
+    gm_condition_mean, gm1d_inverse_cdf), so one test checks both against its reference.
+    """
+    monkeypatch.setenv("GMFLOW_GM_BACKEND", request.param)
+    return request.param
