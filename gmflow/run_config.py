@@ -37,6 +37,7 @@ class ModelConfig:
     num_heads: int = 16                    # gmdit attention heads (custom preset only)
     num_classes: int = 1000                # class-conditional; the null class id is num_classes
     logstd_inner_dim: int = 1024           # width of the log-std MLP of the GM head
+    constant_logstd: float | None = None   # fixed log s (no log-std MLP); K = 1 + this = L2 FM
     use_checkpointing: bool = False        # gradient checkpointing of every block
     use_spectrum_net: bool = True          # train the spectrum MLP for spectral GM-SDE sampling
     spectrum_layers: tuple[int, ...] = (64, 8)
@@ -66,6 +67,7 @@ class DataConfig:
     num_workers: int = 4                   # shards: DataLoader workers per rank
     shuffle_buffer: int = 10_000           # shards: samples in the shuffle buffer
     label_dropout: float = 0.1             # probability of replacing a label by the null class
+    random_flip: bool = True               # shards: horizontal flip with probability ½ per read
 
     def __post_init__(self) -> None:
         if self.kind == "shards" and not self.path:

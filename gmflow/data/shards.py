@@ -89,6 +89,7 @@ class _Layout:
     batch_size: int
     shards_per_block: int
     start_epoch: int  # the shard sequence starts at position start_epoch * num_shards
+    random_flip: bool = True  # horizontal flip with probability ½ (off for digits, text, ...)
 
     def worker_shards(self, g: int) -> Iterator[tuple[int, int]]:
         """(epoch, shard) of global worker g's positions g, g + G, g + 2G, ... (infinite)."""
@@ -145,6 +146,8 @@ def _batches(
         chunk = list(islice(samples, layout.batch_size))
         gen = torch.Generator().manual_seed(_derived_seed(layout.seed, 2, g, k))
         flip = torch.randint(0, 2, (len(chunk),), generator=gen)
+        if not layout.random_flip:
+            flip.zero_()
         labels = torch.tensor([s.label for s in chunk], dtype=torch.int64)
         if layout.pixel_mode:
             pixels = torch.from_numpy(np.stack([s.arrays["pixels"] for s in chunk]))
@@ -199,6 +202,8 @@ class ShardLoader:
         verify: ``"size"`` (default) checks that every shard exists with the manifest's byte
             count; ``"sha256"`` also hashes every shard (slow on big datasets); ``"none"`` only
             checks that they exist.
+        random_flip: Flip each sample horizontally with probability ½ (False for data whose
+            meaning changes under a flip, such as digits).
         pin_memory: Pin batches in page-locked memory (faster copies to a GPU).
 
     Raises:
@@ -227,6 +232,7 @@ class ShardLoader:
         world_size: int | None = None,
         expected_shape: tuple[int, ...] | None = None,
         verify: Literal["none", "size", "sha256"] = "size",
+        random_flip: bool = True,
         pin_memory: bool = False,
     ) -> None:
         if batch_size <= 0 or num_workers < 0 or shuffle_buffer <= 0:
@@ -265,6 +271,7 @@ class ShardLoader:
             batch_size=batch_size,
             shards_per_block=max(1, round(shuffle_buffer / max(mean_count, 1.0))),
             start_epoch=0,
+            random_flip=random_flip,
         )
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.batches_consumed = 0

@@ -29,7 +29,11 @@ def build_denoiser(cfg: ModelConfig) -> nn.Module:
         case "gmdit":
             from gmflow.models.gmdit import build_gmdit
 
-            kwargs = {"logstd_inner_dim": cfg.logstd_inner_dim, "use_checkpointing": cfg.use_checkpointing}
+            kwargs = {
+                "logstd_inner_dim": cfg.logstd_inner_dim,
+                "constant_logstd": cfg.constant_logstd,
+                "use_checkpointing": cfg.use_checkpointing,
+            }
             if cfg.preset == "custom":
                 kwargs |= {
                     "hidden_dim": cfg.hidden_size,

@@ -69,6 +69,8 @@ class ShardBatches:
             rank=dist.rank,
             world_size=dist.world_size,
             expected_shape=(m.in_channels, m.sample_size, m.sample_size),
+            random_flip=cfg.data.random_flip,
+            pin_memory=dist.device.type == "cuda",
         )
         self.label_dropout = cfg.data.label_dropout
         self.null_class = m.num_classes
