@@ -19,6 +19,7 @@ from gmflow.flow.path import SIGMA_FLOOR, Sigma, _as_level, _per_sample, posteri
 from gmflow.flow.second_order import SecondOrderState, second_order_correction
 from gmflow.flow.timesteps import sigma_grid
 from gmflow.gm import GaussianMixture, IsoGaussian, gm_to_iso_gaussian, gm_to_mean, gm_to_sample
+from gmflow.gm.random import Generators, randn
 
 __all__ = [
     "SOLVERS",
@@ -266,7 +267,7 @@ def _draw_x0(
     gm: GaussianMixture,
     g: IsoGaussian | None,
     spectrum_net: Callable[[IsoGaussian], Tensor] | None,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> Tensor:
     """GM-SDE's x̂0: a pixel-wise GM sample, or a spectrally correlated one with a spectrum net."""
     if spectrum_net is None:
@@ -277,8 +278,8 @@ def _draw_x0(
     return spectral_sample(gm, spectrum_net(g), generator).to(gm.dtype)
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _randn_like(x: Tensor, generator: Generators) -> Tensor:
+    return randn(x.shape, generator, device=x.device, dtype=x.dtype)
 
 
 def _sample_gm(
@@ -292,7 +293,7 @@ def _sample_gm(
     guidance: _Guidance,
     gm2_coefs: tuple[float, float],
     shift: float,
-    generator: torch.Generator | None,
+    generator: Generators,
     spectrum_net: Callable[[IsoGaussian], Tensor] | None,
     progress: Callable[[int, int], None] | None,
 ) -> Tensor:
@@ -339,7 +340,7 @@ def _sample_mean(
     num_steps: int,
     guidance: _Guidance,
     shift: float,
-    generator: torch.Generator | None,
+    generator: Generators,
     progress: Callable[[int, int], None] | None,
 ) -> Tensor:
     """Flow-matching baselines driven by the GM mean only: Euler, Heun, DDPM (spec 8.1)."""
@@ -382,7 +383,7 @@ def sample(
     gm2_coefs: tuple[float, float] = (0.005, 1.0),
     shift: float = 1.0,
     class_labels: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     spectrum_net: Callable[[IsoGaussian], Tensor] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
@@ -425,7 +426,9 @@ def sample(
         gm2_coefs: (c_a, c_b) of the order-2 damping.
         shift: σ-grid shift s > 0 (1 = uniform grid).
         class_labels: (B,) labels passed to the denoiser (cond half when guided), or None.
-        generator: RNG for every draw.
+        generator: RNG for every draw: one torch.Generator (or None, the global RNG), or one
+            generator per row of ``noise`` so that each sample's result depends on its own seed only
+            (independent of the batch size; see :mod:`gmflow.gm.random`).
         spectrum_net: for ``gm-sde``: maps the x0 iso Gaussian to a log power spectrum (B, C, H, W);
             x̂0 is then drawn by ``gmflow.flow.spectral.spectral_sample`` (spec 9.3).
         progress: called as progress(step, num_steps) after each network step.

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from gmflow.gm import GaussianMixture, gaussian_to_gm_samples, gm_to_gaussian_samples
+from gmflow.gm.random import Generators, randn
 
 __all__ = ["dht", "idht", "spectral_sample", "spectral_loss", "SPECTRAL_LOSS_WEIGHT"]
 
@@ -68,7 +69,7 @@ def idht(s: Tensor) -> Tensor:
 
 
 def spectral_sample(
-    gm_x0: GaussianMixture, log_spectrum: Tensor, generator: torch.Generator | None = None
+    gm_x0: GaussianMixture, log_spectrum: Tensor, generator: Generators = None
 ) -> Tensor:
     """Draw one x_0 per mixture with spatially correlated KR noise (spec 9.3).
 
@@ -79,7 +80,7 @@ def spectral_sample(
     Args:
         gm_x0: the x_0-space mixture, means (B, K, C, H, W), logstds (B, 1, 1, 1, 1).
         log_spectrum: λ, (B, C, H, W), e.g. from :class:`gmflow.models.spectrum.SpectrumMLP`.
-        generator: random source of ŝ (torch's global RNG when None).
+        generator: random source of ŝ (torch's global RNG when None), or one generator per row.
 
     Returns:
         (B, C, H, W) samples, in the mixture's maths dtype (fp32, or fp64 for fp64 inputs).
@@ -91,7 +92,7 @@ def spectral_sample(
             f"mixture means {tuple(gm_x0.means.shape)}, got {tuple(log_spectrum.shape)}"
         )
     dtype = torch.float64 if torch.float64 in (gm_x0.dtype, log_spectrum.dtype) else torch.float32
-    noise = torch.randn(shape, generator=generator, dtype=dtype, device=log_spectrum.device)
+    noise = randn(shape, generator, dtype=dtype, device=log_spectrum.device)
     s_hat = noise * torch.exp(0.5 * log_spectrum.to(dtype))
     z = idht(s_hat)
     x0 = gaussian_to_gm_samples(gm_x0, z.unsqueeze(-4), axis_aligned=True, n_steps=16)

@@ -10,6 +10,7 @@ from torch import Tensor
 from gmflow.gm import backend as _backend
 from gmflow.gm._checks import check_batch, promote, promote_gm
 from gmflow.gm.mixture import GaussianMixture, IsoGaussian
+from gmflow.gm.random import Generators, rand, randn
 
 __all__ = ["iso_gaussian_logprob", "gm_logprob", "gm_to_sample", "gm_kl_div", "gm_entropy"]
 
@@ -92,11 +93,12 @@ def gm_to_sample(
     gm: GaussianMixture,
     n: int = 1,
     power: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """Draw n samples per pixel: a component from softmax(p·log A), then μ_k + s_k·N(0, I) (spec 7.12).
 
-    Pixels are independent. Exact for p = 1.
+    Pixels are independent. Exact for p = 1. ``generator`` is one torch.Generator, None (the
+    global RNG), or one generator per row of the leading batch dim (see :mod:`gmflow.gm.random`).
 
     Returns:
         (..., n, C, H, W).
@@ -110,7 +112,7 @@ def gm_to_sample(
     logw = logw.expand(*batch, k, 1, h, w)
     cdf = logw.squeeze(-3).movedim(-3, -1).softmax(-1).cumsum(-1)       # (..., H, W, K)
     cdf = cdf.contiguous()
-    u = torch.rand(*batch, h, w, n, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = rand((*batch, h, w, n), generator, device=cdf.device, dtype=cdf.dtype)
     u = u * cdf[..., -1:]                                               # guard rounding of the last bin
     # right=True picks the k with cdf[k-1] <= u < cdf[k], so a zero-weight component (an empty bin,
     # e.g. after gm_temperature with tau -> 0) is never drawn, not even for u = 0
@@ -118,9 +120,7 @@ def gm_to_sample(
     idx = idx.movedim(-1, -3).unsqueeze(-3)                             # (..., n, 1, H, W)
     means = gm.means.expand(*batch, k, c, h, w)
     chosen = torch.gather(means, -4, idx.expand(*batch, n, c, h, w))    # (..., n, C, H, W)
-    noise = torch.randn(
-        *batch, n, c, h, w, generator=generator, device=chosen.device, dtype=chosen.dtype
-    )
+    noise = randn((*batch, n, c, h, w), generator, device=chosen.device, dtype=chosen.dtype)
     logstds = gm.logstds.expand(*batch, *gm.logstds.shape[-4:])
     if logstds.shape[-4] == 1:
         std = logstds.exp()                                             # (..., 1, 1, 1, 1)
@@ -130,7 +130,7 @@ def gm_to_sample(
 
 
 def gm_kl_div(
-    p: GaussianMixture, q: GaussianMixture, n: int = 32, generator: torch.Generator | None = None
+    p: GaussianMixture, q: GaussianMixture, n: int = 32, generator: Generators = None
 ) -> Tensor:
     """Monte-Carlo KL(p ‖ q) = E_p[log p − log q] per pixel with n samples (spec 7.13).
 
@@ -147,7 +147,7 @@ def gm_kl_div(
     return (gm_logprob(p, x) - gm_logprob(q, x)).mean(dim=-3, keepdim=True)
 
 
-def gm_entropy(gm: GaussianMixture, n: int = 32, generator: torch.Generator | None = None) -> Tensor:
+def gm_entropy(gm: GaussianMixture, n: int = 32, generator: Generators = None) -> Tensor:
     """Monte-Carlo entropy −E[log p] per pixel with n samples (spec 7.13).
 
     Returns:

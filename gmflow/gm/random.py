@@ -1,0 +1,57 @@
+"""Random draws from one generator, or from one generator per sample (row).
+
+Per-row generators make a sample's randomness depend on its own seed only, so results do not
+change with the batch size or the number of processes: ``torch.Generator().manual_seed(seed + i)``
+for row i. A single generator (or None, the global RNG) draws the whole tensor at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["Generators", "randn", "rand", "row_generators"]
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]  # noqa: UP007
+
+
+def _per_row(name: str, shape: tuple[int, ...], generators: Sequence[torch.Generator]) -> list:
+    gens = list(generators)
+    if not shape or len(gens) != shape[0]:
+        raise ValueError(
+            f"{name}: got {len(gens)} generators for a draw of shape {tuple(shape)}; pass one "
+            "generator per row (the leading batch dim) or a single torch.Generator"
+        )
+    return gens
+
+
+def randn(
+    shape: Sequence[int], generator: Generators, *, device: torch.device | str | None, dtype: torch.dtype
+) -> Tensor:
+    """Standard normal draws of ``shape``; row i from ``generator[i]`` when a sequence is given."""
+    shape = tuple(shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    gens = _per_row("randn", shape, generator)
+    rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in gens]
+    return torch.stack(rows).to(device)
+
+
+def rand(
+    shape: Sequence[int], generator: Generators, *, device: torch.device | str | None, dtype: torch.dtype
+) -> Tensor:
+    """Uniform [0, 1) draws of ``shape``; row i from ``generator[i]`` when a sequence is given."""
+    shape = tuple(shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    gens = _per_row("rand", shape, generator)
+    rows = [torch.rand(shape[1:], generator=g, device=g.device, dtype=dtype) for g in gens]
+    return torch.stack(rows).to(device)
+
+
+def row_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per row, seeded with ``seeds[i]``."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
