@@ -51,7 +51,7 @@ def ema_beta(schedule: EMASchedule, step: int) -> float:
 
 
 class EMA:
-    """fp32 shadow copy of a module's floating-point parameters; buffers are copied as they are.
+    """fp32 shadow copy of a module's floating-point parameters; persistent buffers are copied.
 
     ``update(model, step)`` lerps ema ← β ema + (1 − β) θ with β = ema_beta(schedule, step).
     ``state_dict()`` holds the shadow tensors under the model's own parameter names, so it loads
@@ -65,8 +65,11 @@ class EMA:
             for name, p in model.named_parameters()
             if p.is_floating_point()
         }
+        persistent = model.state_dict(keep_vars=True).keys()   # non-persistent buffers are derived
         self.buffers: dict[str, torch.Tensor] = {
-            name: b.detach().clone() for name, b in model.named_buffers(remove_duplicate=True)
+            name: b.detach().clone()
+            for name, b in model.named_buffers(remove_duplicate=True)
+            if name in persistent
         }
         self.last_beta = math.nan
 

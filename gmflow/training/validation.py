@@ -58,13 +58,14 @@ def save_validation_grid(
     if ema is not None:
         ema.load_into(model)
     v, m = cfg.validation, cfg.model
-    gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed)      # starting noise
+    loop_gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)  # in-loop draws
     out_dir = Path(run_dir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"step-{step:08d}.png"
     if m.arch == "mlp2d":
         noise = torch.randn(20_000, 2, 1, 1, generator=gen).to(device)
-        x = sample(model.denoiser, noise, solver="gm-sde", num_steps=8, order=2, generator=gen)
+        x = sample(model.denoiser, noise, solver="gm-sde", num_steps=8, order=2, generator=loop_gen)
         hist, _, _ = np.histogram2d(
             x[:, 1, 0, 0].cpu().numpy(), x[:, 0, 0, 0].cpu().numpy(), bins=128, range=[[-4.2, 4.2]] * 2
         )
@@ -85,7 +86,7 @@ def save_validation_grid(
             class_labels=labels,
             null_class_id=m.num_classes,
             spectrum_net=model.spectrum_net if v.solver == "gm-sde" else None,
-            generator=gen,
+            generator=loop_gen,
         )
         if m.in_channels not in (1, 3):
             x = x / x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
