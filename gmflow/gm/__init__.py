@@ -14,6 +14,7 @@ Notation (used by every docstring in this package):
 """
 
 from gmflow.gm.density import gm_entropy, gm_kl_div, gm_logprob, gm_to_sample, iso_gaussian_logprob
+from gmflow.gm.inverse_cdf import gm1d_inverse_cdf, gm1d_pdf_cdf
 from gmflow.gm.mixture import FullGaussianMixture, Gaussian, GaussianMixture, IsoGaussian
 from gmflow.gm.moments import gm_temperature, gm_to_gaussian, gm_to_iso_gaussian, gm_to_mean
 from gmflow.gm.products import (
@@ -25,6 +26,7 @@ from gmflow.gm.products import (
     gm_mul_iso_gaussian,
     iso_gaussian_mul_iso_gaussian,
 )
+from gmflow.gm.transport import gaussian_to_gm_samples, gm_to_gaussian_samples
 
 __all__ = [
     "GaussianMixture",
@@ -47,4 +49,8 @@ __all__ = [
     "gm_mul_gm",
     "gm_condition",
     "gm_condition_mean",
+    "gm1d_pdf_cdf",
+    "gm1d_inverse_cdf",
+    "gm_to_gaussian_samples",
+    "gaussian_to_gm_samples",
 ]
