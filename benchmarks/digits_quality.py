@@ -18,7 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from gmflow.config import load_recipe
@@ -40,24 +39,35 @@ def classifier():
 
 
 @torch.no_grad()
-def accuracy(run_dir: Path, clf, solver: str, order: int, guidance: float, per_class: int = 50) -> float:
+def accuracy(
+    run_dir: Path, clf, solver: str, order: int, guidance: float, per_class: int = 50
+) -> float:
     cfg, denoiser, spectrum_net = load_run(run_dir)
     m = cfg.model
     labels = torch.arange(m.num_classes).repeat_interleave(per_class)
     gen = torch.Generator().manual_seed(1234)
     noise = torch.randn(len(labels), m.in_channels, m.sample_size, m.sample_size, generator=gen)
     x = sample(
-        denoiser, noise, solver=solver, num_steps=8, order=order, guidance_scale=guidance,
+        denoiser,
+        noise,
+        solver=solver,
+        num_steps=8,
+        order=order,
+        guidance_scale=guidance,
         num_substeps=16 if solver == "gm-ode" else None,
-        class_labels=labels, null_class_id=m.num_classes,
-        spectrum_net=spectrum_net if solver == "gm-sde" else None, generator=gen,
+        class_labels=labels,
+        null_class_id=m.num_classes,
+        spectrum_net=spectrum_net if solver == "gm-sde" else None,
+        generator=gen,
     )
     pred = clf.predict(to_digit_features(x.numpy()))
     return float((pred == labels.numpy()).mean())
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/gmflow_digits"))
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--guidance", type=float, nargs="+", default=[0.0, 0.15, 0.3, 0.45])
@@ -66,15 +76,29 @@ def main() -> None:
     work = args.work_dir
     if not (work / "cache" / "manifest.json").is_file():
         export_digits(work / "images")
-        cache_latents(CacheConfig(source=work / "images", out_dir=work / "cache", vae="none",
-                                  resolution=16, num_workers=0))
+        cache_latents(
+            CacheConfig(
+                source=work / "images",
+                out_dir=work / "cache",
+                vae="none",
+                resolution=16,
+                num_workers=0,
+            )
+        )
     overrides = [f"data.path={work / 'cache'}", "validation.every=0"]
     if args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")
     cfg = load_recipe(RECIPE, RunConfig, overrides)
-    baseline = load_recipe(RECIPE, RunConfig, [*overrides, "model.num_gaussians=1",
-                                               "model.constant_logstd=0.0",
-                                               "model.use_spectrum_net=false"])
+    baseline = load_recipe(
+        RECIPE,
+        RunConfig,
+        [
+            *overrides,
+            "model.num_gaussians=1",
+            "model.constant_logstd=0.0",
+            "model.use_spectrum_net=false",
+        ],
+    )
     timings = {}
     for name, c in (("gmflow", cfg), ("baseline_k1", baseline)):
         t0 = time.perf_counter()
@@ -86,14 +110,22 @@ def main() -> None:
         for solver, order in (("gm-sde", 2), ("gm-ode", 2)):
             rows.append((f"{solver}2", g, accuracy(work / "gmflow", clf, solver, order, g)))
         rows.append(("euler (K=1 FM)", g, accuracy(work / "baseline_k1", clf, "euler", 1, g)))
-    print(f"training: {cfg.train.max_steps} steps x batch {cfg.train.global_batch_size}; "
-          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
+    print(
+        f"training: {cfg.train.max_steps} steps x batch {cfg.train.global_batch_size}; "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+    )
     print(f"{'solver':<18}{'guidance':>10}{'accuracy':>10}")
     for solver, g, acc in rows:
         print(f"{solver:<18}{g:>10.2f}{acc:>10.3f}")
-    (work / "digits_quality.json").write_text(json.dumps(
-        {"train_seconds": timings, "rows": [{"solver": s, "guidance": g, "accuracy": a} for s, g, a in rows]},
-        indent=1))
+    (work / "digits_quality.json").write_text(
+        json.dumps(
+            {
+                "train_seconds": timings,
+                "rows": [{"solver": s, "guidance": g, "accuracy": a} for s, g, a in rows],
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def fm_step(model, x0, labels, opt):
     noise = torch.randn_like(x0)
     s = sigma.view(-1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
-    pred = model(x_t, sigma, labels).means[:, 0]            # K = 1 mean = the velocity
+    pred = model(x_t, sigma, labels).means[:, 0]  # K = 1 mean = the velocity
     loss = (pred - (noise - x0)).square().mean()
     loss.backward()
     opt.step()
@@ -43,7 +43,7 @@ def fm_step(model, x0, labels, opt):
 
 def timed(step, model, x0, labels, steps, device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step(model, x0, labels, opt)                             # warm-up
+    step(model, x0, labels, opt)  # warm-up
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -69,13 +69,16 @@ def main() -> None:
     gm_model = build_gmdit(args.preset, num_gaussians=8).to(device)
     fm_model = build_gmdit(args.preset, num_gaussians=1, constant_logstd=0.0).to(device)
     gm_t, fm_t = [], []
-    for _ in range(args.rounds):                             # interleave: fair under shared CPUs
+    for _ in range(args.rounds):  # interleave: fair under shared CPUs
         gm_t.append(timed(gm_step, gm_model, x0, labels, args.steps, device))
         fm_t.append(timed(fm_step, fm_model, x0, labels, args.steps, device))
     g, f = statistics.median(gm_t), statistics.median(fm_t)
     n_gm = sum(p.numel() for p in gm_model.parameters())
     n_fm = sum(p.numel() for p in fm_model.parameters())
-    print(f"GM-DiT {args.preset}, batch {args.batch}, {device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"GM-DiT {args.preset}, batch {args.batch}, {device}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"{'model':<28}{'params':>12}{'s/step':>10}{'samples/s':>12}")
     print(f"{'GM head K=8 + trans. NLL':<28}{n_gm:>12,}{g:>10.4f}{args.batch / g:>12.1f}")
     print(f"{'FM head K=1 + L2':<28}{n_fm:>12,}{f:>10.4f}{args.batch / f:>12.1f}")

@@ -21,7 +21,14 @@ import yaml
 
 from gmflow.errors import ConfigError
 
-__all__ = ["load_recipe", "from_dict", "to_dict", "apply_overrides", "dump_recipe", "parse_override"]
+__all__ = [
+    "load_recipe",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+    "dump_recipe",
+    "parse_override",
+]
 
 T = TypeVar("T")
 
@@ -155,7 +162,9 @@ def from_dict(data: Mapping[str, Any] | None, schema: type[T], source: str = "<c
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     return _build(schema, data, "", source)
 
 

@@ -1,4 +1,4 @@
-"""Exceptions raised by gmflow. The CLI maps every GMFlowError to ``error: <message>`` and exit 1."""
+"""Exceptions raised by gmflow; the CLI maps every GMFlowError to ``error: <message>``, exit 1."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ class GMFlowError(Exception):
 
 
 class ConfigError(GMFlowError):
-    """A recipe, override or option is invalid: names the key, what was expected and what was found."""
+    """A recipe, override or option is invalid: names the key, what was expected and found."""
 
 
 class DataError(GMFlowError):
-    """Input data (images, shards, manifests, reference sets) is missing, corrupt or inconsistent."""
+    """Input data (images, shards, manifests, references) is missing, corrupt or inconsistent."""
 
 
 class CheckpointError(GMFlowError):

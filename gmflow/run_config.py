@@ -1,4 +1,4 @@
-"""The schema of a training recipe (``gmflow train recipe.yaml``). Plain dataclasses; imports no torch.
+"""The schema of a training recipe (``gmflow train recipe.yaml``): dataclasses, no torch import.
 
 Defaults are the paper's ImageNet GM-DiT settings (spec 11.1) unless a comment says otherwise; each
 recipe in ``recipes/`` is complete and standalone. Cross-field checks live in ``__post_init__`` so
@@ -28,21 +28,21 @@ class ModelConfig:
 
     arch: Literal["gmdit", "mlp2d"] = "gmdit"
     preset: Literal["S/2", "B/2", "L/2", "XL/2", "custom"] = "XL/2"  # DiT size (gmdit)
-    num_gaussians: int = 8                 # K, mixture components per pixel
-    in_channels: int = 4                   # C: 4 for SD-VAE latents, 1/3 for pixels
-    sample_size: int = 32                  # H = W of the model input
-    patch_size: int = 2                    # gmdit patch size (custom preset)
-    hidden_size: int = 1152                # gmdit width (custom preset only)
-    depth: int = 28                        # gmdit blocks (custom preset only)
-    num_heads: int = 16                    # gmdit attention heads (custom preset only)
-    num_classes: int = 1000                # class-conditional; the null class id is num_classes
-    logstd_inner_dim: int = 1024           # width of the log-std MLP of the GM head
-    constant_logstd: float | None = None   # fixed log s (no log-std MLP); K = 1 + this = L2 FM
-    use_checkpointing: bool = False        # gradient checkpointing of every block
-    use_spectrum_net: bool = True          # train the spectrum MLP for spectral GM-SDE sampling
+    num_gaussians: int = 8  # K, mixture components per pixel
+    in_channels: int = 4  # C: 4 for SD-VAE latents, 1/3 for pixels
+    sample_size: int = 32  # H = W of the model input
+    patch_size: int = 2  # gmdit patch size (custom preset)
+    hidden_size: int = 1152  # gmdit width (custom preset only)
+    depth: int = 28  # gmdit blocks (custom preset only)
+    num_heads: int = 16  # gmdit attention heads (custom preset only)
+    num_classes: int = 1000  # class-conditional; the null class id is num_classes
+    logstd_inner_dim: int = 1024  # width of the log-std MLP of the GM head
+    constant_logstd: float | None = None  # fixed log s (no log-std MLP); K = 1 + this = L2 FM
+    use_checkpointing: bool = False  # gradient checkpointing of every block
+    use_spectrum_net: bool = True  # train the spectrum MLP for spectral GM-SDE sampling
     spectrum_layers: tuple[int, ...] = (64, 8)
-    hidden_dim: int = 512                  # mlp2d width
-    num_layers: int = 5                    # mlp2d depth
+    hidden_dim: int = 512  # mlp2d width
+    num_layers: int = 5  # mlp2d depth
 
     def __post_init__(self) -> None:
         if self.num_gaussians < 1:
@@ -54,7 +54,8 @@ class ModelConfig:
             )
         if self.arch == "mlp2d" and (self.in_channels != 2 or self.sample_size != 1):
             raise ValueError(
-                "model.arch='mlp2d' is the 2-D toy denoiser: it needs in_channels=2 and sample_size=1"
+                "model.arch='mlp2d' is the 2-D toy denoiser: it needs in_channels=2 and "
+                "sample_size=1"
             )
 
 
@@ -63,15 +64,17 @@ class DataConfig:
     """Where training samples come from."""
 
     kind: Literal["checkerboard", "shards"] = "shards"
-    path: str | None = None                # shards: the cache-data output folder (manifest.json)
-    num_workers: int = 4                   # shards: DataLoader workers per rank
-    shuffle_buffer: int = 10_000           # shards: samples in the shuffle buffer
-    label_dropout: float = 0.1             # probability of replacing a label by the null class
-    random_flip: bool = True               # shards: horizontal flip with probability ½ per read
+    path: str | None = None  # shards: the cache-data output folder (manifest.json)
+    num_workers: int = 4  # shards: DataLoader workers per rank
+    shuffle_buffer: int = 10_000  # shards: samples in the shuffle buffer
+    label_dropout: float = 0.1  # probability of replacing a label by the null class
+    random_flip: bool = True  # shards: horizontal flip with probability ½ per read
 
     def __post_init__(self) -> None:
         if self.kind == "shards" and not self.path:
-            raise ValueError("data.kind='shards' needs data.path (the folder written by cache-data)")
+            raise ValueError(
+                "data.kind='shards' needs data.path (the folder written by cache-data)"
+            )
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"data.label_dropout must be in [0, 1), got {self.label_dropout}")
 
@@ -83,10 +86,10 @@ class LossConfig:
     timesteps: Literal["uniform", "logit_normal"] = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    shift: float = 1.0                     # σ ← s·σ/(1 + (s − 1)σ)
-    trans_ratio: float = 0.5               # λ: σ_low = σ_high·(1 − λ); 1 is the plain GM NLL
-    loss_scale: float = 8.0                # [LL] scale of the per-channel NLL (8 ≡ [orig] 2 for C = 4)
-    spectral_weight: float = 4.0           # w_spec of the spectral loss ([LL])
+    shift: float = 1.0  # σ ← s·σ/(1 + (s − 1)σ)
+    trans_ratio: float = 0.5  # λ: σ_low = σ_high·(1 − λ); 1 is the plain GM NLL
+    loss_scale: float = 8.0  # [LL] scale of the per-channel NLL (8 ≡ [orig] 2 for C = 4)
+    spectral_weight: float = 4.0  # w_spec of the spectral loss ([LL])
 
     def __post_init__(self) -> None:
         if not 0 < self.trans_ratio <= 1:
@@ -102,12 +105,12 @@ class OptimConfig:
     kind: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs bitsandbytes (CUDA)
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.05             # not applied to biases
-    warmup_steps: int = 1000               # linear warm-up from warmup_start_ratio·lr
+    weight_decay: float = 0.05  # not applied to biases
+    warmup_steps: int = 1000  # linear warm-up from warmup_start_ratio·lr
     warmup_start_ratio: float = 0.001
-    grad_clip: float | None = 10.0         # global-norm clipping; null disables it
-    grad_clip_from_step: int = 1000        # clipping (and non-finite skipping) active from here
-    max_consecutive_skips: int = 20        # raise DivergenceError after this many skipped steps
+    grad_clip: float | None = 10.0  # global-norm clipping; null disables it
+    grad_clip_from_step: int = 1000  # clipping (and non-finite skipping) active from here
+    max_consecutive_skips: int = 20  # raise DivergenceError after this many skipped steps
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -131,7 +134,7 @@ class EMAConfig:
 class ValidationConfig:
     """The sample grid drawn from the EMA model during training."""
 
-    every: int = 20_000                    # steps between grids (0 disables)
+    every: int = 20_000  # steps between grids (0 disables)
     solver: Literal["gm-ode", "gm-sde"] = "gm-ode"
     order: Literal[1, 2] = 2
     num_steps: int = 16
@@ -145,13 +148,13 @@ class TrainConfig:
     """The loop: batch, steps, precision, checkpoints, logs."""
 
     max_steps: int = 200_000
-    global_batch_size: int = 4096          # = batch_size_per_device × grad_accum_steps × world size
+    global_batch_size: int = 4096  # = batch_size_per_device × grad_accum_steps × world size
     batch_size_per_device: int = 512
     grad_accum_steps: int = 1
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast on GPU; CPU always runs fp32
-    compile: bool = False                  # torch.compile the denoiser
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
+    compile: bool = False  # torch.compile the denoiser
     checkpoint_every: int = 1000
     checkpoint_milestones: tuple[int, ...] = (40_000, 80_000, 120_000, 160_000, 200_000)
     keep_last: int = 1

@@ -1,1 +1,1 @@
-"""The gmflow command line (Typer). The only package that knows about argv, exit codes and terminals."""
+"""The gmflow command line (Typer): the only package that knows argv, exit codes, terminals."""

@@ -50,7 +50,9 @@ def test_defaults_and_round_trip(tmp_path):
 def test_unknown_key_names_file_key_and_valid_keys(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  opt:\n    lrr: 1.0\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml.*'train\.opt\.lrr'.*valid keys.*betas, kind, lr"):
+    with pytest.raises(
+        ConfigError, match=r"bad\.yaml.*'train\.opt\.lrr'.*valid keys.*betas, kind, lr"
+    ):
         load_recipe(path, Run)
 
 
@@ -61,7 +63,10 @@ def test_unknown_key_names_file_key_and_valid_keys(tmp_path):
         ({"train": {"steps": 1.5}}, r"'train\.steps' expected int"),
         ({"train": {"steps": True}}, r"'train\.steps' expected int"),
         ({"train": {"use_ema": "yes"}}, r"'train\.use_ema' expected bool"),
-        ({"train": {"opt": {"kind": "sgd"}}}, r"'train\.opt\.kind' expected one of 'adamw', 'adam'"),
+        (
+            {"train": {"opt": {"kind": "sgd"}}},
+            r"'train\.opt\.kind' expected one of 'adamw', 'adam'",
+        ),
         ({"train": {"opt": {"betas": [0.9]}}}, r"'train\.opt\.betas' expected a list of 2 items"),
         ({"train": {"nfes": [1, "x"]}}, r"'train\.nfes\[1\]' expected int"),
         ({"train": 3}, r"'train' expected a mapping \(Train\)"),

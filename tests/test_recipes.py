@@ -1,4 +1,4 @@
-"""Every training recipe in recipes/ loads into RunConfig, and the paper settings are what spec 11.1 says."""
+"""Every training recipe loads into RunConfig; the paper settings are those of spec 11.1."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ TRAIN_RECIPES = [
 @pytest.mark.parametrize("name", TRAIN_RECIPES)
 def test_training_recipe_loads(name):
     cfg = load_recipe(RECIPES / name, RunConfig)
-    assert cfg.train.global_batch_size % (cfg.train.batch_size_per_device * cfg.train.grad_accum_steps) == 0
+    assert (
+        cfg.train.global_batch_size % (cfg.train.batch_size_per_device * cfg.train.grad_accum_steps)
+        == 0
+    )
 
 
 @pytest.mark.parametrize("name", ["imagenet256_gmdit_b2_k8.yaml", "imagenet256_gmdit_xl2_k8.yaml"])
@@ -29,7 +32,11 @@ def test_imagenet_recipes_hold_the_paper_settings(name):
     assert cfg.world_size() == 8 and cfg.train.batch_size_per_device == 512
     assert cfg.train.global_batch_size == 4096 and cfg.train.max_steps == 200_000
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay) == (2e-4, (0.9, 0.95), 0.05)
-    assert (cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.optim.grad_clip_from_step) == (1000, 10.0, 1000)
+    assert (cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.optim.grad_clip_from_step) == (
+        1000,
+        10.0,
+        1000,
+    )
     assert cfg.data.label_dropout == 0.1 and cfg.loss.timesteps == "logit_normal"
     assert cfg.loss.trans_ratio == 0.5 and cfg.model.use_spectrum_net
     assert (cfg.ema.kind, cfg.ema.ema_kimg, cfg.ema.rampup) == ("rampup", 30000, 0.05)
@@ -38,4 +45,6 @@ def test_imagenet_recipes_hold_the_paper_settings(name):
 
 def test_digits_recipe_keeps_digits_unflipped():
     cfg = load_recipe(RECIPES / "digits_gmdit_tiny.yaml", RunConfig)
-    assert cfg.data.random_flip is False and cfg.model.in_channels == 3 and cfg.model.num_classes == 10
+    assert (
+        cfg.data.random_flip is False and cfg.model.in_channels == 3 and cfg.model.num_classes == 10
+    )

@@ -112,13 +112,18 @@ def test_deterministic_solver_is_independent_of_batch_size(pixel_dir, tmp_path):
 def test_stochastic_solver_is_independent_of_batch_size(pixel_dir, tmp_path, solver):
     results = [
         generate(
-            _config(tmp_path / f"b{b}", pretrained=str(pixel_dir), solver=solver,
-                    num_substeps=None, batch_size=b)
+            _config(
+                tmp_path / f"b{b}",
+                pretrained=str(pixel_dir),
+                solver=solver,
+                num_substeps=None,
+                batch_size=b,
+            )
         )
         for b in (1, 3)
     ]
     for a, b in zip(results[0].image_paths, results[1].image_paths, strict=True):
-        assert np.abs(_png(a) - _png(b)).max() <= 1     # uint8 rounding at most
+        assert np.abs(_png(a) - _png(b)).max() <= 1  # uint8 rounding at most
 
 
 def test_stochastic_solver_is_reproducible_and_seeded(pixel_dir, tmp_path):

@@ -51,11 +51,11 @@ def to_digit_features(images: np.ndarray) -> np.ndarray:
     Channels are averaged (the cached digits are grey stored as RGB), the image is average-pooled
     to 8x8, and the range is mapped back to the dataset's 0..16.
     """
-    x = np.asarray(images, dtype=np.float64).mean(axis=1)             # (N, H, W)
+    x = np.asarray(images, dtype=np.float64).mean(axis=1)  # (N, H, W)
     n, h, w = x.shape
     if h % 8 or w % 8:
         raise ValueError(f"to_digit_features: image size {h}x{w} must be a multiple of 8")
-    x = x.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))           # (N, 8, 8)
+    x = x.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))  # (N, 8, 8)
     return np.clip((x + 1) * 8, 0, 16).reshape(n, 64)
 
 

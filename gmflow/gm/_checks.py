@@ -21,7 +21,7 @@ def promote_gm(gm: GaussianMixture, *others: Tensor) -> tuple[GaussianMixture, t
 
 
 def check_finite(name: str, t: Tensor) -> None:
-    """Raise if a (cheap to check) CPU tensor holds NaN or Inf; skipped on accelerators (no sync)."""
+    """Raise if a (cheap to check) CPU tensor holds NaN or Inf; skipped on accelerators."""
     if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: expected finite values, got NaN or Inf (shape {tuple(t.shape)})")
 
@@ -55,7 +55,8 @@ def check_iso_for_gm(name: str, gm: GaussianMixture, g: IsoGaussian, per_sample_
     h, w = gm.means.shape[-2:]
     if per_sample_var and tuple(g.var.shape[-2:]) != (1, 1) and (h, w) != (1, 1):
         raise ValueError(
-            f"{name}.var: expected a per-sample variance of shape (..., 1, 1, 1) so that the product "
+            f"{name}.var: expected a per-sample variance of shape (..., 1, 1, 1) so that the "
+            "product "
             f"keeps one std per sample, got {tuple(g.var.shape)}; average it over H, W first "
             "(e.g. var.mean(dim=(-2, -1), keepdim=True))"
         )

@@ -78,9 +78,25 @@ def _probe_inputs(op: str, device: torch.device) -> tuple[Tensor, ...]:
     """Tiny valid inputs of ``op`` in the kernel-call layout (for the compile probe)."""
     f = functools.partial(torch.zeros, device=device, dtype=torch.float32)
     if op == "gm1d_inverse_cdf":
-        return (f(1, 2, 1, 1, 1), f(1, 2, 1, 1, 1), f(1, 1, 1, 1, 1), f(1, 1, 1, 1), f(1, 1, 1, 1), 2, 1e-6, 1.5)
+        return (
+            f(1, 2, 1, 1, 1),
+            f(1, 2, 1, 1, 1),
+            f(1, 1, 1, 1, 1),
+            f(1, 1, 1, 1),
+            f(1, 1, 1, 1),
+            2,
+            1e-6,
+            1.5,
+        )
     if op == "gm_condition_mean":
-        return (f(1, 2, 2, 1, 1), f(1, 2, 1, 1, 1), f(1, 1, 1, 1, 1), f(1, 1, 1, 1), f(1, 2, 1, 1), 1e-6)
+        return (
+            f(1, 2, 2, 1, 1),
+            f(1, 2, 1, 1, 1),
+            f(1, 1, 1, 1, 1),
+            f(1, 1, 1, 1),
+            f(1, 2, 1, 1),
+            1e-6,
+        )
     return (f(1, 2, 2, 1, 1), f(1, 2, 1, 1, 1), f(1, 1, 1, 1, 1), f(1, 1, 2, 1, 1))
 
 

@@ -42,8 +42,8 @@ def iso_gaussian_logprob(g: IsoGaussian, x: Tensor) -> Tensor:
             f"{tuple(g.mean.shape)})"
         ) from None
     mean, var, x = promote(g.mean, g.var, x)
-    sq = (x - mean.unsqueeze(-4)).square().sum(dim=-3)                  # (..., n, H, W)
-    v = var.unsqueeze(-4).squeeze(-3)                                   # (..., 1, h, w)
+    sq = (x - mean.unsqueeze(-4)).square().sum(dim=-3)  # (..., n, H, W)
+    v = var.unsqueeze(-4).squeeze(-3)  # (..., 1, h, w)
     return -0.5 * sq / v - 0.5 * c * (torch.log(v) + _LOG_2PI)
 
 
@@ -61,10 +61,10 @@ def _check_points(name: str, gm: GaussianMixture, x: Tensor) -> None:
 def gm_logprob_torch(gm: GaussianMixture, x: Tensor) -> Tensor:
     """Reference (torch, differentiable) mixture log-density; see :func:`gm_logprob`."""
     c = gm.num_channels
-    means = gm.means.unsqueeze(-5)                                      # (..., 1, K, C, H, W)
-    xs = x.unsqueeze(-4)                                                # (..., n, 1, C, H, W)
-    logstds = gm.logstds.unsqueeze(-5)                                  # (..., 1, 1|K, 1, 1, 1)
-    sq = (xs - means).square().sum(dim=-3, keepdim=True)                # (..., n, K, 1, H, W)
+    means = gm.means.unsqueeze(-5)  # (..., 1, K, C, H, W)
+    xs = x.unsqueeze(-4)  # (..., n, 1, C, H, W)
+    logstds = gm.logstds.unsqueeze(-5)  # (..., 1, 1|K, 1, 1, 1)
+    sq = (xs - means).square().sum(dim=-3, keepdim=True)  # (..., n, K, 1, H, W)
     comp = -0.5 * sq * torch.exp(-2 * logstds) - c * logstds - 0.5 * c * _LOG_2PI
     return torch.logsumexp(gm.logweights.unsqueeze(-5) + comp, dim=-4).squeeze(-3)
 
@@ -95,7 +95,9 @@ def gm_to_sample(
     power: float = 1.0,
     generator: Generators = None,
 ) -> Tensor:
-    """Draw n samples per pixel: a component from softmax(p·log A), then μ_k + s_k·N(0, I) (spec 7.12).
+    """Draw n samples per pixel: a component from softmax(p·log A), then μ_k + s_k·N(0, I).
+
+    Spec 7.12.
 
     Pixels are independent. Exact for p = 1. ``generator`` is one torch.Generator, None (the
     global RNG), or one generator per row of the leading batch dim (see :mod:`gmflow.gm.random`).
@@ -106,24 +108,26 @@ def gm_to_sample(
     if n < 1:
         raise ValueError(f"gm_to_sample: n must be >= 1, got {n}")
     gm, _ = promote_gm(gm)
-    batch = torch.broadcast_shapes(gm.means.shape[:-4], gm.logweights.shape[:-4], gm.logstds.shape[:-4])
+    batch = torch.broadcast_shapes(
+        gm.means.shape[:-4], gm.logweights.shape[:-4], gm.logstds.shape[:-4]
+    )
     k, c, h, w = gm.means.shape[-4:]
     logw = gm.logweights if power == 1.0 else torch.log_softmax(power * gm.logweights, dim=-4)
     logw = logw.expand(*batch, k, 1, h, w)
-    cdf = logw.squeeze(-3).movedim(-3, -1).softmax(-1).cumsum(-1)       # (..., H, W, K)
+    cdf = logw.squeeze(-3).movedim(-3, -1).softmax(-1).cumsum(-1)  # (..., H, W, K)
     cdf = cdf.contiguous()
     u = rand((*batch, h, w, n), generator, device=cdf.device, dtype=cdf.dtype)
-    u = u * cdf[..., -1:]                                               # guard rounding of the last bin
+    u = u * cdf[..., -1:]  # guard rounding of the last bin
     # right=True picks the k with cdf[k-1] <= u < cdf[k], so a zero-weight component (an empty bin,
     # e.g. after gm_temperature with tau -> 0) is never drawn, not even for u = 0
     idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_max(k - 1)  # (..., H, W, n)
-    idx = idx.movedim(-1, -3).unsqueeze(-3)                             # (..., n, 1, H, W)
+    idx = idx.movedim(-1, -3).unsqueeze(-3)  # (..., n, 1, H, W)
     means = gm.means.expand(*batch, k, c, h, w)
-    chosen = torch.gather(means, -4, idx.expand(*batch, n, c, h, w))    # (..., n, C, H, W)
+    chosen = torch.gather(means, -4, idx.expand(*batch, n, c, h, w))  # (..., n, C, H, W)
     noise = randn((*batch, n, c, h, w), generator, device=chosen.device, dtype=chosen.dtype)
     logstds = gm.logstds.expand(*batch, *gm.logstds.shape[-4:])
     if logstds.shape[-4] == 1:
-        std = logstds.exp()                                             # (..., 1, 1, 1, 1)
+        std = logstds.exp()  # (..., 1, 1, 1, 1)
     else:
         std = torch.gather(logstds.expand(*batch, k, 1, h, w), -4, idx).exp()
     return chosen + std * noise
@@ -143,7 +147,7 @@ def gm_kl_div(
             f"p.means {tuple(p.means.shape)}"
         )
     check_batch("gm_kl_div: q", p, tuple(q.batch_shape))
-    x = gm_to_sample(p, n, generator=generator)                         # (..., n, C, H, W)
+    x = gm_to_sample(p, n, generator=generator)  # (..., n, C, H, W)
     return (gm_logprob(p, x) - gm_logprob(q, x)).mean(dim=-3, keepdim=True)
 
 

@@ -1,4 +1,7 @@
-"""Moments of a Gaussian mixture: mean, moment-matched Gaussians, temperature (spec 3.2, 3.3, 7.10-7.14)."""
+"""Moments of a Gaussian mixture: mean, moment-matched Gaussians, temperature.
+
+Spec 3.2, 3.3, 7.10-7.14.
+"""
 
 from __future__ import annotations
 
@@ -37,11 +40,11 @@ def gm_to_iso_gaussian(gm: GaussianMixture) -> IsoGaussian:
         IsoGaussian with mean (..., C, H, W) and var (..., 1, H, W).
     """
     gm, _ = promote_gm(gm)
-    weights = gm.logweights.exp()                                       # (..., K, 1, H, W)
-    mean = (weights * gm.means).sum(dim=-4)                             # (..., C, H, W)
-    diffs = gm.means - mean.unsqueeze(-4)                               # (..., K, C, H, W)
+    weights = gm.logweights.exp()  # (..., K, 1, H, W)
+    mean = (weights * gm.means).sum(dim=-4)  # (..., C, H, W)
+    diffs = gm.means - mean.unsqueeze(-4)  # (..., K, C, H, W)
     spread = (weights * diffs.square().mean(dim=-3, keepdim=True)).sum(dim=-4)  # (..., 1, H, W)
-    comp_var = (weights * torch.exp(2 * gm.logstds)).sum(dim=-4)        # (..., 1, H, W)
+    comp_var = (weights * torch.exp(2 * gm.logstds)).sum(dim=-4)  # (..., 1, H, W)
     return IsoGaussian(mean, comp_var + spread)
 
 
@@ -54,12 +57,12 @@ def gm_to_gaussian(gm: GaussianMixture, cov_scale: float = 1.0) -> Gaussian:
         Gaussian with mean (..., H, W, C) and cov (..., H, W, C, C) (channel-last).
     """
     gm, _ = promote_gm(gm)
-    weights = gm.logweights.exp()                                       # (..., K, 1, H, W)
-    mean = (weights * gm.means).sum(dim=-4)                             # (..., C, H, W)
-    diffs = (gm.means - mean.unsqueeze(-4)).movedim(-3, -1)             # (..., K, H, W, C)
-    w = weights.squeeze(-3).unsqueeze(-1)                               # (..., K, H, W, 1)
-    cov = torch.einsum("...khwc,...khwd->...hwcd", w * diffs, diffs)    # (..., H, W, C, C)
-    comp_var = (weights * torch.exp(2 * gm.logstds)).sum(dim=-4)        # (..., 1, H, W)
+    weights = gm.logweights.exp()  # (..., K, 1, H, W)
+    mean = (weights * gm.means).sum(dim=-4)  # (..., C, H, W)
+    diffs = (gm.means - mean.unsqueeze(-4)).movedim(-3, -1)  # (..., K, H, W, C)
+    w = weights.squeeze(-3).unsqueeze(-1)  # (..., K, H, W, 1)
+    cov = torch.einsum("...khwc,...khwd->...hwcd", w * diffs, diffs)  # (..., H, W, C, C)
+    comp_var = (weights * torch.exp(2 * gm.logstds)).sum(dim=-4)  # (..., 1, H, W)
     eye = torch.eye(gm.num_channels, dtype=cov.dtype, device=cov.device)
     cov = cov + comp_var.squeeze(-3)[..., None, None] * eye
     return Gaussian(mean.movedim(-3, -1), cov * cov_scale)

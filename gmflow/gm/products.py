@@ -62,13 +62,13 @@ def gm_mul_iso_gaussian(
     check_iso_for_gm("gm_mul_iso_gaussian: g", gm, g, per_sample_var=True)
     gm, (mean, var) = promote_gm(gm, g.mean, g.var)
     rho = g_power / gm_power
-    m = mean.unsqueeze(-4)                                              # (..., 1, C, H, W)
-    v = var.unsqueeze(-4)                                               # (..., 1, 1, h, w)
-    s2 = torch.exp(2 * gm.logstds)                                      # (..., 1|K, 1, 1, 1)
+    m = mean.unsqueeze(-4)  # (..., 1, C, H, W)
+    v = var.unsqueeze(-4)  # (..., 1, 1, h, w)
+    s2 = torch.exp(2 * gm.logstds)  # (..., 1|K, 1, 1, 1)
     z = (v + rho * s2).clamp_min(eps)
     means = (v * gm.means + rho * s2 * m) / z
     c = gm.num_channels
-    sqdist = (gm.means - m).square().sum(dim=-3, keepdim=True)          # (..., K, 1, H, W)
+    sqdist = (gm.means - m).square().sum(dim=-3, keepdim=True)  # (..., K, 1, H, W)
     logweights = torch.log_softmax(
         gm.logweights - 0.5 * rho * sqdist / z - 0.5 * c * torch.log(z), dim=-4
     )
@@ -142,22 +142,22 @@ def gm_mul_gaussian(
     rho = g_power / gm_power
     c = gm.num_channels
     eye = torch.eye(c, dtype=g_cov.dtype, device=g_cov.device)
-    prec_g = rho * torch.linalg.inv(g_cov).unsqueeze(-5)                # (..., 1, H, W, C, C)
-    s2 = torch.exp(2 * gm.logstds).unsqueeze(-1)                        # (..., 1|K, 1, 1, 1, 1)
-    cov = torch.linalg.inv(eye / s2 + prec_g)                           # (..., 1|K, H, W, C, C)
+    prec_g = rho * torch.linalg.inv(g_cov).unsqueeze(-5)  # (..., 1, H, W, C, C)
+    s2 = torch.exp(2 * gm.logstds).unsqueeze(-1)  # (..., 1|K, 1, 1, 1, 1)
+    cov = torch.linalg.inv(eye / s2 + prec_g)  # (..., 1|K, H, W, C, C)
     cov = 0.5 * (cov + cov.transpose(-1, -2))
-    mu = gm.means.movedim(-3, -1)                                       # (..., K, H, W, C)
-    m_g = g_mean.unsqueeze(-4)                                          # (..., 1, H, W, C)
+    mu = gm.means.movedim(-3, -1)  # (..., K, H, W, C)
+    m_g = g_mean.unsqueeze(-4)  # (..., 1, H, W, C)
     rhs = mu / s2.squeeze(-1) + (prec_g @ m_g.unsqueeze(-1)).squeeze(-1)
-    means = (cov @ rhs.unsqueeze(-1)).squeeze(-1)                       # (..., K, H, W, C)
+    means = (cov @ rhs.unsqueeze(-1)).squeeze(-1)  # (..., K, H, W, C)
     # marginal likelihood N(μ_k; m_g, s_k² I + Σ_g/ρ)
-    marg = s2 * eye + g_cov.unsqueeze(-5) / rho                         # (..., 1|K, H, W, C, C)
-    d = (mu - m_g).unsqueeze(-1)                                        # (..., K, H, W, C, 1)
+    marg = s2 * eye + g_cov.unsqueeze(-5) / rho  # (..., 1|K, H, W, C, C)
+    d = (mu - m_g).unsqueeze(-1)  # (..., K, H, W, C, 1)
     maha = (d.transpose(-1, -2) @ torch.linalg.solve(marg, d)).squeeze(-1).squeeze(-1)
     logdet = torch.linalg.slogdet(marg).logabsdet
     logweights = torch.log_softmax(
         gm.logweights.squeeze(-3) - 0.5 * maha - 0.5 * logdet, dim=-3
-    )                                                                   # (..., K, H, W)
+    )  # (..., K, H, W)
     return FullGaussianMixture(means, cov, logweights)
 
 
@@ -179,12 +179,12 @@ def gm_mul_gm(gm1: GaussianMixture, gm2: GaussianMixture) -> GaussianMixture:
     )
     k1, k2 = m1.shape[-4], m2.shape[-4]
     c = m1.shape[-3]
-    mi, mj = m1.unsqueeze(-4), m2.unsqueeze(-5)                         # (..., K1, 1|K2, C, H, W)
+    mi, mj = m1.unsqueeze(-4), m2.unsqueeze(-5)  # (..., K1, 1|K2, C, H, W)
     li, lj = ls1.unsqueeze(-4), ls2.unsqueeze(-5)
-    var_sum_log = torch.logaddexp(2 * li, 2 * lj)                       # log(s1² + s2²)
+    var_sum_log = torch.logaddexp(2 * li, 2 * lj)  # log(s1² + s2²)
     logstds = li + lj - 0.5 * var_sum_log
     w_i, w_j = torch.exp(2 * (lj - 0.5 * var_sum_log)), torch.exp(2 * (li - 0.5 * var_sum_log))
-    means = w_i * mi + w_j * mj                                         # (..., K1, K2, C, H, W)
+    means = w_i * mi + w_j * mj  # (..., K1, K2, C, H, W)
     sqdist = (mi - mj).square().sum(dim=-3, keepdim=True)
     logw = (
         lw1.unsqueeze(-4)
@@ -196,7 +196,7 @@ def gm_mul_gm(gm1: GaussianMixture, gm2: GaussianMixture) -> GaussianMixture:
     means = means.expand(*batch, k1, k2, *means.shape[-3:]).flatten(-5, -4)
     logw = logw.expand(*batch, k1, k2, *logw.shape[-3:]).flatten(-5, -4)
     if logstds.shape[-5] == 1 and logstds.shape[-4] == 1:
-        logstds = logstds.squeeze(-4)                                   # shared std stays shared
+        logstds = logstds.squeeze(-4)  # shared std stays shared
     else:
         logstds = logstds.expand(*logstds.shape[:-5], k1, k2, 1, 1, 1).flatten(-5, -4)
     return GaussianMixture(means, torch.log_softmax(logw, dim=-4), logstds)
@@ -228,14 +228,14 @@ def _broadcast_condition_args(
 def _condition_torch(
     gm: GaussianMixture, precision: Tensor, linear: Tensor, eps: float
 ) -> GaussianMixture:
-    zeta = precision.unsqueeze(-4) if precision.dim() else precision    # (..., 1, 1, 1, 1)
-    nu = linear.unsqueeze(-4)                                           # (..., 1, C, H, W)
-    s2 = torch.exp(2 * gm.logstds)                                      # (..., 1|K, 1, 1, 1)
+    zeta = precision.unsqueeze(-4) if precision.dim() else precision  # (..., 1, 1, 1, 1)
+    nu = linear.unsqueeze(-4)  # (..., 1, C, H, W)
+    s2 = torch.exp(2 * gm.logstds)  # (..., 1|K, 1, 1, 1)
     den = (s2 * zeta + 1).clamp_min(eps)
     means = (gm.means + s2 * nu) / den
     quad = (2 * gm.means * nu + s2 * nu.square() - zeta * gm.means.square()).sum(
         dim=-3, keepdim=True
-    )                                                                   # (..., K, 1, H, W)
+    )  # (..., K, 1, H, W)
     c = gm.num_channels
     logweights = torch.log_softmax(gm.logweights + 0.5 * quad / den - 0.5 * c * torch.log(den), -4)
     return GaussianMixture(means, logweights, gm.logstds - 0.5 * torch.log(den))
@@ -246,9 +246,11 @@ def gm_condition(
 ) -> GaussianMixture:
     """Multiply a mixture by exp(−½ ζ‖x‖² + ν·x) and renormalise (spec 3.5).
 
-    This is the posterior re-conditioning behind GM-ODE sub-steps. With den_k = max(s_k² ζ + 1, eps):
+    This is the posterior re-conditioning behind GM-ODE sub-steps.
+    With den_k = max(s_k² ζ + 1, eps):
         μ'_k = (μ_k + s_k² ν)/den_k,   s'_k² = s_k²/den_k,
-        log A'_k = log_softmax_k(log A_k + (2 μ_k·ν + s_k²‖ν‖² − ζ‖μ_k‖²)/(2 den_k) − (C/2) log den_k).
+        log A'_k = log_softmax_k(log A_k + (2 μ_k·ν + s_k²‖ν‖² − ζ‖μ_k‖²)/(2 den_k)
+                                 − (C/2) log den_k).
     (The terms s²‖ν‖² and log den are constant over k for a shared std; they are kept so
     per-component stds are exact.)
 

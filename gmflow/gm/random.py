@@ -29,7 +29,11 @@ def _per_row(name: str, shape: tuple[int, ...], generators: Sequence[torch.Gener
 
 
 def randn(
-    shape: Sequence[int], generator: Generators, *, device: torch.device | str | None, dtype: torch.dtype
+    shape: Sequence[int],
+    generator: Generators,
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
 ) -> Tensor:
     """Standard normal draws of ``shape``; row i from ``generator[i]`` when a sequence is given."""
     shape = tuple(shape)
@@ -41,7 +45,11 @@ def randn(
 
 
 def rand(
-    shape: Sequence[int], generator: Generators, *, device: torch.device | str | None, dtype: torch.dtype
+    shape: Sequence[int],
+    generator: Generators,
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
 ) -> Tensor:
     """Uniform [0, 1) draws of ``shape``; row i from ``generator[i]`` when a sequence is given."""
     shape = tuple(shape)
@@ -52,6 +60,8 @@ def rand(
     return torch.stack(rows).to(device)
 
 
-def row_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+def row_generators(
+    seeds: Sequence[int], device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
     """One generator per row, seeded with ``seeds[i]``."""
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]

@@ -24,7 +24,7 @@ __all__ = ["build_denoiser", "build_spectrum_net", "GMFlowObjective", "build_obj
 
 
 def build_denoiser(cfg: ModelConfig) -> nn.Module:
-    """The denoiser of a recipe: ``denoiser(x_t, sigma, class_labels) -> GaussianMixture`` over u."""
+    """The denoiser of a recipe: ``denoiser(x_t, sigma, class_labels) -> GaussianMixture``."""
     match cfg.arch:
         case "gmdit":
             from gmflow.models.gmdit import build_gmdit
@@ -56,7 +56,11 @@ def build_denoiser(cfg: ModelConfig) -> nn.Module:
             from gmflow.models.mlp2d import GMMLP2D, SigmaDenoiser
 
             return SigmaDenoiser(
-                GMMLP2D(num_gaussians=cfg.num_gaussians, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers)
+                GMMLP2D(
+                    num_gaussians=cfg.num_gaussians,
+                    hidden_dim=cfg.hidden_dim,
+                    num_layers=cfg.num_layers,
+                )
             )
     raise ValueError(f"model.arch={cfg.arch!r}; expected one of 'gmdit', 'mlp2d'")
 
@@ -68,7 +72,8 @@ def build_spectrum_net(cfg: ModelConfig) -> nn.Module | None:
     from gmflow.models.spectrum import SpectrumMLP
 
     return SpectrumMLP(
-        base_size=(cfg.in_channels, cfg.sample_size, cfg.sample_size), layers=tuple(cfg.spectrum_layers)
+        base_size=(cfg.in_channels, cfg.sample_size, cfg.sample_size),
+        layers=tuple(cfg.spectrum_layers),
     )
 
 
@@ -79,7 +84,9 @@ class GMFlowObjective(nn.Module):
     spectral loss, the mean mixture variance and the loss per σ quartile present in the batch.
     """
 
-    def __init__(self, denoiser: nn.Module, spectrum_net: nn.Module | None, loss: LossConfig) -> None:
+    def __init__(
+        self, denoiser: nn.Module, spectrum_net: nn.Module | None, loss: LossConfig
+    ) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.spectrum_net = spectrum_net
@@ -98,9 +105,9 @@ class GMFlowObjective(nn.Module):
         )
         x_low, x_high, sigma_low = transition_pair(x0, sigma_high, cfg.trans_ratio)
         gm_u = self.denoiser(x_high, sigma_high, labels)
-        nll = transition_nll(gm_u, x_low, x_high, sigma_low, sigma_high)       # (B, H, W)
+        nll = transition_nll(gm_u, x_low, x_high, sigma_low, sigma_high)  # (B, H, W)
         # = gmflow.losses.transition_loss per sample: scale · mean_{H,W}(ℓ_p / C)
-        per_sample = cfg.loss_scale * nll.mean(dim=(-2, -1)) / x0.shape[1]     # (B,)
+        per_sample = cfg.loss_scale * nll.mean(dim=(-2, -1)) / x0.shape[1]  # (B,)
         loss = per_sample.mean()
         stats = {"loss_trans": float(loss.detach())}
         if self.spectrum_net is not None:
@@ -149,7 +156,9 @@ def load_run(
     cfg = load_recipe(run_dir / "config.yaml", RunConfig)
     latest = latest_checkpoint(run_dir)
     if latest is None:
-        raise CheckpointError(f"run folder '{run_dir}' has no complete checkpoint under checkpoints/")
+        raise CheckpointError(
+            f"run folder '{run_dir}' has no complete checkpoint under checkpoints/"
+        )
     state = load_checkpoint(latest, map_location=map_location)
     weights = state["ema"] if use_ema and state["ema"] is not None else state["model"]
     objective = build_objective(cfg)

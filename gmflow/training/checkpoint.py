@@ -3,7 +3,7 @@
 Layout of ``<run_dir>/checkpoints/step-00001000/``:
     model.safetensors   trainable weights (our parameter names)
     ema.safetensors     fp32 EMA weights (if any)
-    state.pt            optimizer, LR schedule, step, data position, config (plain data; weights_only)
+    state.pt            optimizer, step, data position, config (plain data; weights_only)
     rng-rank{r}.pt      RNG states of rank r (torch CPU/CUDA, numpy, python)
 
 A checkpoint is written into a hidden temporary folder, every file is fsynced, and the folder is
@@ -158,7 +158,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | os.PathLike[str], rank: int = 0, map_location: str = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], rank: int = 0, map_location: str = "cpu"
+) -> dict[str, Any]:
     """Load a checkpoint folder with ``weights_only=True``.
 
     Returns:
@@ -189,7 +191,9 @@ def load_checkpoint(path: str | os.PathLike[str], rank: int = 0, map_location: s
     return out
 
 
-def prune_checkpoints(run_dir: str | os.PathLike[str], keep_last: int, milestones: set[int] | None = None) -> None:
+def prune_checkpoints(
+    run_dir: str | os.PathLike[str], keep_last: int, milestones: set[int] | None = None
+) -> None:
     """Delete all but the newest ``keep_last`` checkpoints, keeping milestone steps forever."""
     milestones = milestones or set()
     ckpts = list_checkpoints(run_dir)

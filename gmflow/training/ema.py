@@ -24,14 +24,16 @@ class EMASchedule:
     """How the EMA momentum evolves with the iteration index."""
 
     kind: Literal["rampup", "karras", "constant"] = "rampup"
-    ema_kimg: float = 30000.0     # rampup: half-life cap in thousands of images
-    rampup: float = 0.05          # rampup: half-life as a fraction of images seen so far
-    batch_size: int = 4096        # rampup: global batch size (images per iteration)
-    gamma: float = 7.0            # karras: β(i) = (1 − 1/(i+1))^{γ+1}
-    beta: float = 0.9999          # constant: fixed momentum
+    ema_kimg: float = 30000.0  # rampup: half-life cap in thousands of images
+    rampup: float = 0.05  # rampup: half-life as a fraction of images seen so far
+    batch_size: int = 4096  # rampup: global batch size (images per iteration)
+    gamma: float = 7.0  # karras: β(i) = (1 − 1/(i+1))^{γ+1}
+    beta: float = 0.9999  # constant: fixed momentum
 
     def __post_init__(self) -> None:
-        if self.kind == "rampup" and (self.ema_kimg <= 0 or self.rampup <= 0 or self.batch_size < 1):
+        if self.kind == "rampup" and (
+            self.ema_kimg <= 0 or self.rampup <= 0 or self.batch_size < 1
+        ):
             raise ValueError("rampup EMA needs ema_kimg > 0, rampup > 0 and batch_size >= 1")
         if self.kind == "constant" and not 0 <= self.beta < 1:
             raise ValueError(f"constant EMA needs 0 <= beta < 1, got {self.beta}")
@@ -41,7 +43,9 @@ def ema_beta(schedule: EMASchedule, step: int) -> float:
     """Momentum β for the update after iteration ``step`` (0-based)."""
     match schedule.kind:
         case "rampup":
-            ema_nimg = min(schedule.ema_kimg * 1000.0, schedule.rampup * (step + 1) * schedule.batch_size)
+            ema_nimg = min(
+                schedule.ema_kimg * 1000.0, schedule.rampup * (step + 1) * schedule.batch_size
+            )
             return 0.5 ** (schedule.batch_size / max(ema_nimg, 1e-8))
         case "karras":
             return (1.0 - 1.0 / (step + 1)) ** (schedule.gamma + 1)
@@ -65,7 +69,7 @@ class EMA:
             for name, p in model.named_parameters()
             if p.is_floating_point()
         }
-        persistent = model.state_dict(keep_vars=True).keys()   # non-persistent buffers are derived
+        persistent = model.state_dict(keep_vars=True).keys()  # non-persistent buffers are derived
         self.buffers: dict[str, torch.Tensor] = {
             name: b.detach().clone()
             for name, b in model.named_buffers(remove_duplicate=True)

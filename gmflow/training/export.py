@@ -32,7 +32,12 @@ def official_transformer_config(m: ModelConfig) -> dict:
             "no image pipeline)"
         )
     size = (
-        {"hidden_dim": m.hidden_size, "depth": m.depth, "num_heads": m.num_heads, "patch_size": m.patch_size}
+        {
+            "hidden_dim": m.hidden_size,
+            "depth": m.depth,
+            "num_heads": m.num_heads,
+            "patch_size": m.patch_size,
+        }
         if m.preset == "custom"
         else GMDIT_PRESETS[m.preset]
     )
@@ -52,7 +57,7 @@ def official_transformer_config(m: ModelConfig) -> dict:
 
 
 def _dataset_info(cfg: RunConfig) -> tuple[str | None, dict[int, str] | None]:
-    """(VAE id of a latent dataset or None, class names) from the run's data manifest, if readable."""
+    """(VAE id of a latent dataset or None, class names) from the run's data manifest."""
     if cfg.data.kind != "shards" or not cfg.data.path:
         return None, None
     from gmflow.data.manifest import read_manifest

@@ -15,10 +15,16 @@ logger = logging.getLogger(__name__)
 
 
 class MetricsLogger:
-    """Append-only metrics on rank 0. Resumed runs drop rows past the resumed step (no duplicates)."""
+    """Append-only metrics on rank 0; a resumed run drops rows past the resumed step."""
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, enabled: bool, resume_step: int = 0,
-                 use_tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        enabled: bool,
+        resume_step: int = 0,
+        use_tensorboard: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
@@ -26,7 +32,8 @@ class MetricsLogger:
             return
         if resume_step > 0 and self.path.is_file():
             kept = [
-                line for line in self.path.read_text().splitlines()
+                line
+                for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
             ]
             tmp = self.path.with_suffix(".jsonl.tmp")
@@ -38,7 +45,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+                self._tb = SummaryWriter(
+                    log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1
+                )
             except ImportError:  # tensorboard is optional at run time
                 logger.warning("tensorboard is not installed; logging to metrics.jsonl only")
 

@@ -54,15 +54,18 @@ def _check_world(cfg: RunConfig, dist: DistInfo) -> None:
     expected = cfg.world_size()
     if dist.world_size != expected:
         t = cfg.train
+        suggested = max(1, t.global_batch_size // (t.batch_size_per_device * dist.world_size))
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} = batch_size_per_device "
             f"{t.batch_size_per_device} x grad_accum_steps {t.grad_accum_steps} x world size "
             f"needs {expected} processes, but this run has {dist.world_size}; change "
             f"train.grad_accum_steps or train.batch_size_per_device (e.g. --set "
-            f"train.grad_accum_steps={max(1, t.global_batch_size // (t.batch_size_per_device * dist.world_size))})"
+            f"train.grad_accum_steps={suggested})"
         )
     if cfg.train.device == "cuda" and dist.device.type != "cuda":
-        raise ConfigError("train.device='cuda' but CUDA is not available; use --set train.device=cpu")
+        raise ConfigError(
+            "train.device='cuda' but CUDA is not available; use --set train.device=cpu"
+        )
     if cfg.train.compile and dist.device.type != "cuda":
         raise ConfigError("train.compile=true is a GPU option; set train.compile=false on CPU")
 
@@ -118,7 +121,11 @@ def train(
 
 
 def _train(
-    cfg: RunConfig, run_dir: Path, dist: DistInfo, progress: ProgressFn | None, stop_after: int | None
+    cfg: RunConfig,
+    run_dir: Path,
+    dist: DistInfo,
+    progress: ProgressFn | None,
+    stop_after: int | None,
 ) -> TrainResult:
     # ===== Set-up: checks, config provenance, model, optimiser, data =====
     _check_world(cfg, dist)
@@ -128,7 +135,7 @@ def _train(
         dump_recipe(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed + dist.rank)
     objective = build_objective(cfg).to(device)
-    data = build_batches(cfg, dist)        # validates shards against the model before step 0
+    data = build_batches(cfg, dist)  # validates shards against the model before step 0
     optimizer = build_optimizer(objective, cfg.optim, device)
     ema = EMA(objective, ema_schedule(cfg)) if cfg.ema.kind != "none" else None
 
@@ -144,7 +151,8 @@ def _train(
         start_step = int(state["state"]["step"])
         if int(state["state"].get("world_size", 1)) != dist.world_size:
             raise ConfigError(
-                f"checkpoint {latest} was written by {state['state']['world_size']} processes but this "
+                f"checkpoint {latest} was written by {state['state']['world_size']} processes "
+                "but this "
                 f"run has {dist.world_size}; resume with the same number of processes"
             )
         data.load_state_dict(state["state"]["data"][dist.rank])
@@ -159,7 +167,10 @@ def _train(
     if cfg.train.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     metrics_log = MetricsLogger(
-        run_dir, enabled=dist.is_main, resume_step=start_step, use_tensorboard=cfg.train.use_tensorboard
+        run_dir,
+        enabled=dist.is_main,
+        resume_step=start_step,
+        use_tensorboard=cfg.train.use_tensorboard,
     )
 
     # ===== Loop =====
@@ -177,16 +188,26 @@ def _train(
         stats: dict[str, float] = {}
         for micro in range(accum):
             x0, labels = data.next_batch()
-            sync = contextlib.nullcontext() if micro == accum - 1 or not dist.distributed else model.no_sync()
+            sync = (
+                contextlib.nullcontext()
+                if micro == accum - 1 or not dist.distributed
+                else model.no_sync()
+            )
             with sync:
                 with _autocast(cfg, device):
-                    out = model(x0.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+                    out = model(
+                        x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    )
                 (out["loss"] / accum).backward()
             for k, v in out["stats"].items():
                 stats[k] = stats.get(k, 0.0) + v / accum
 
         # gradient clipping (from a given step) and non-finite gradient skipping
-        clip = cfg.optim.grad_clip if (cfg.optim.grad_clip and step >= cfg.optim.grad_clip_from_step) else math.inf
+        clip = (
+            cfg.optim.grad_clip
+            if (cfg.optim.grad_clip and step >= cfg.optim.grad_clip_from_step)
+            else math.inf
+        )
         grad_norm = float(torch.nn.utils.clip_grad_norm_(objective.parameters(), clip))
         if math.isfinite(grad_norm):
             optimizer.step()
@@ -214,22 +235,32 @@ def _train(
             progress(done, end_step, {"loss": loss_value, "grad_norm": grad_norm})
         if done % cfg.train.log_every == 0 or done == end_step:
             keys = sorted({k for w in window for k in w})
-            row = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in keys}
+            row = {
+                k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in keys
+            }
             row |= {
                 "lr": optimizer.param_groups[0]["lr"],
                 "ema_beta": beta,
-                "samples_per_s": len(window) * cfg.train.global_batch_size / max(step_seconds, 1e-9),
+                "samples_per_s": len(window)
+                * cfg.train.global_batch_size
+                / max(step_seconds, 1e-9),
                 "skipped_steps": consecutive_skips,
             }
             metrics_log.log(done, row)
             window, step_seconds = [], 0.0
         if cfg.validation.every and done % cfg.validation.every == 0 and dist.is_main:
             save_validation_grid(cfg, objective, ema, run_dir, done, device, metrics_log)
-        if done % cfg.train.checkpoint_every == 0 or done == end_step or done in cfg.train.checkpoint_milestones:
+        if (
+            done % cfg.train.checkpoint_every == 0
+            or done == end_step
+            or done in cfg.train.checkpoint_milestones
+        ):
             last_ckpt = _save(cfg, run_dir, done, objective, ema, optimizer, data, dist)
 
     metrics_log.close()
-    return TrainResult(run_dir=run_dir, final_step=end_step, last_checkpoint=last_ckpt, final_loss=loss_value)
+    return TrainResult(
+        run_dir=run_dir, final_step=end_step, last_checkpoint=last_ckpt, final_loss=loss_value
+    )
 
 
 def _save(

@@ -16,8 +16,10 @@ __all__ = ["param_groups", "build_optimizer", "lr_at"]
 logger = logging.getLogger(__name__)
 
 
-def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Split trainable parameters into a decayed group and a no-decay group (every name with "bias")."""
+def param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float
+) -> list[dict]:
+    """Split parameters into a decayed group and a no-decay group (names with "bias")."""
     decay, no_decay = [], []
     for name, p in named_params:
         if not p.requires_grad:
@@ -29,12 +31,16 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA, foreach on CPU), or bitsandbytes' AdamW8bit when asked and installed."""
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA, foreach on CPU), or bitsandbytes' AdamW8bit when asked."""
     groups = param_groups(model.named_parameters(), cfg.weight_decay)
     if cfg.kind == "adamw8bit":
         if device.type != "cuda":
-            raise ConfigError("optim.kind='adamw8bit' needs a CUDA device; use optim.kind='adamw' on CPU")
+            raise ConfigError(
+                "optim.kind='adamw8bit' needs a CUDA device; use optim.kind='adamw' on CPU"
+            )
         try:
             import bitsandbytes as bnb  # type: ignore[import-not-found]
         except ImportError as err:

@@ -58,7 +58,7 @@ def save_validation_grid(
     if ema is not None:
         ema.load_into(model)
     v, m = cfg.validation, cfg.model
-    gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed)      # starting noise
+    gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed)  # starting noise
     loop_gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)  # in-loop draws
     out_dir = Path(run_dir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,14 +67,19 @@ def save_validation_grid(
         noise = torch.randn(20_000, 2, 1, 1, generator=gen).to(device)
         x = sample(model.denoiser, noise, solver="gm-sde", num_steps=8, order=2, generator=loop_gen)
         hist, _, _ = np.histogram2d(
-            x[:, 1, 0, 0].cpu().numpy(), x[:, 0, 0, 0].cpu().numpy(), bins=128, range=[[-4.2, 4.2]] * 2
+            x[:, 1, 0, 0].cpu().numpy(),
+            x[:, 0, 0, 0].cpu().numpy(),
+            bins=128,
+            range=[[-4.2, 4.2]] * 2,
         )
         img = (np.clip(hist[::-1] / max(hist.max(), 1) * 3, 0, 1) * 255).astype(np.uint8)
         grid = np.repeat(img[:, :, None], 3, axis=2)
     else:
         n = v.num_images
         labels = (torch.arange(n) % max(m.num_classes, 1)).to(device)
-        noise = torch.randn(n, m.in_channels, m.sample_size, m.sample_size, generator=gen).to(device)
+        noise = torch.randn(n, m.in_channels, m.sample_size, m.sample_size, generator=gen).to(
+            device
+        )
         x = sample(
             model.denoiser,
             noise,

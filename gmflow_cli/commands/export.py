@@ -1,4 +1,7 @@
-"""``gmflow export``: a training run as a GMDiTPipeline folder (:func:`gmflow.training.export.export_pipeline`)."""
+"""``gmflow export``: a training run as a GMDiTPipeline folder.
+
+A thin layer over :func:`gmflow.training.export.export_pipeline`.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +12,16 @@ import typer
 
 
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="Training run folder (config.yaml, checkpoints/).")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="Training run folder (config.yaml, checkpoints/).")
+    ],
     out_dir: Annotated[Path, typer.Argument(help="Pipeline folder to write.")],
     *,
     vae: Annotated[
         str,
         typer.Option(
             "--vae",
-            help="'auto' (the VAE of a latent dataset), 'none', or a hub id / AutoencoderKL folder.",
+            help="'auto' (the VAE of a latent dataset), 'none', or a hub id / VAE folder.",
         ),
     ] = "auto",
     use_ema: Annotated[

@@ -42,7 +42,13 @@ def train(
         typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
         return
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from gmflow.training import train as run_training
 

@@ -26,7 +26,10 @@ def test_help_and_version():
 
 def test_python_dash_m_entry_point():
     out = subprocess.run(
-        [sys.executable, "-m", "gmflow_cli", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "gmflow_cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == f"gmflow {gmflow.__version__}"
 
@@ -72,6 +75,9 @@ def test_debug_env_reraises(failing_app, monkeypatch):
 def test_usage_error_is_exit_2():
     env = dict(os.environ)
     out = subprocess.run(
-        [sys.executable, "-m", "gmflow_cli", "--no-such-option"], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "gmflow_cli", "--no-such-option"],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert out.returncode == 2

@@ -282,14 +282,21 @@ def test_random_flip_off_returns_the_stored_orientation(tmp_path):
     src = tmp_path / "src" / "a"
     src.mkdir(parents=True)
     img = np.zeros((8, 8, 3), np.uint8)
-    img[:, :4] = 255                                    # left half white: flips are visible
+    img[:, :4] = 255  # left half white: flips are visible
     Image.fromarray(img).save(src / "x.png")
-    cache_latents(CacheConfig(source=tmp_path / "src", out_dir=tmp_path / "out", vae="none",
-                              resolution=8, num_workers=0))
+    cache_latents(
+        CacheConfig(
+            source=tmp_path / "src",
+            out_dir=tmp_path / "out",
+            vae="none",
+            resolution=8,
+            num_workers=0,
+        )
+    )
     loader = ShardLoader(tmp_path / "out", batch_size=4, num_workers=0, random_flip=False)
     x, _ = next(iter(loader))
     assert torch.all(x[:, :, :, :4] == 1.0) and torch.all(x[:, :, :, 4:] == -1.0)
     flipped = ShardLoader(tmp_path / "out", batch_size=64, num_workers=0)
     x, _ = next(iter(flipped))
     left_white = (x[:, 0, 0, 0] == 1.0).float().mean()
-    assert 0.2 < float(left_white) < 0.8                # both orientations occur
+    assert 0.2 < float(left_white) < 0.8  # both orientations occur

@@ -592,7 +592,7 @@ def test_cuda_gm_sde_reproduces_the_data(order):
 @pytest.mark.parametrize("solver", ["gm-sde", "ddpm", "gm-ode"])
 @pytest.mark.parametrize("order", [1, 2])
 def test_per_row_generators_make_samples_independent_of_the_batch(solver, order):
-    """With one generator per row, row i depends only on its own seed: a batch of 5 equals 5 batches of 1."""
+    """One generator per row: row i depends only on its own seed (a batch of 5 = 5 of 1)."""
     from gmflow.gm.random import row_generators
 
     torch.manual_seed(0)
@@ -601,8 +601,11 @@ def test_per_row_generators_make_samples_independent_of_the_batch(solver, order)
     def denoiser(x_t, sigma, class_labels):
         b = x_t.shape[0]
         m = means.expand(b, -1, -1, -1, -1) + 0.1 * x_t.unsqueeze(1)
-        return GaussianMixture(m, torch.full((b, 3, 1, 2, 2), -math.log(3.0), dtype=x_t.dtype),
-                               torch.full((b, 1, 1, 1, 1), -1.0, dtype=x_t.dtype))
+        return GaussianMixture(
+            m,
+            torch.full((b, 3, 1, 2, 2), -math.log(3.0), dtype=x_t.dtype),
+            torch.full((b, 1, 1, 1, 1), -1.0, dtype=x_t.dtype),
+        )
 
     if solver == "ddpm" and order == 2:
         pytest.skip("ddpm is first order")
@@ -610,9 +613,11 @@ def test_per_row_generators_make_samples_independent_of_the_batch(solver, order)
     noise = torch.randn(5, 2, 2, 2, dtype=torch.float64)
     kwargs = {"solver": solver, "num_steps": 3, "order": order}
     whole = sample(denoiser, noise, generator=row_generators(seeds), **kwargs)
-    rows = [sample(denoiser, noise[i : i + 1], generator=row_generators(seeds[i : i + 1]), **kwargs)
-            for i in range(5)]
+    rows = [
+        sample(denoiser, noise[i : i + 1], generator=row_generators(seeds[i : i + 1]), **kwargs)
+        for i in range(5)
+    ]
     torch.testing.assert_close(whole, torch.cat(rows), rtol=0, atol=1e-12)
-    if solver != "gm-ode":                               # gm-ode draws nothing
+    if solver != "gm-ode":  # gm-ode draws nothing
         with pytest.raises(ValueError, match="got 2 generators for a draw of shape"):
             sample(denoiser, noise, generator=row_generators(seeds[:2]), **kwargs)

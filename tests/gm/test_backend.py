@@ -72,18 +72,20 @@ def fresh_probe(monkeypatch):
     backend._cuda_op_works.cache_clear()
 
 
-def test_a_numba_cuda_kernel_that_cannot_compile_falls_back_to_torch(auto, monkeypatch, fresh_probe):
+def test_a_numba_cuda_kernel_that_cannot_compile_falls_back_to_torch(
+    auto, monkeypatch, fresh_probe
+):
     """numba-cuda present but broken (e.g. an unsupported NumPy): warn once, use torch."""
 
     def broken(*args, **kwargs):
         raise AttributeError("module 'numpy' has no attribute 'row_stack'")
 
     monkeypatch.setattr(backend, "_numba_cuda_usable", lambda: True)
-    monkeypatch.setattr(backend, "_probe_inputs", lambda op, device: ())   # no GPU needed here
+    monkeypatch.setattr(backend, "_probe_inputs", lambda op, device: ())  # no GPU needed here
     monkeypatch.setitem(backend._WRAPPERS, "gm_condition_mean", broken)
     with pytest.warns(RuntimeWarning, match="cannot run here.*row_stack.*torch reference"):
         assert backend.selected_backend("gm_condition_mean", cuda()) == "torch"
-    assert backend.selected_backend("gm_condition_mean", cuda()) == "torch"   # cached, no rerun
+    assert backend.selected_backend("gm_condition_mean", cuda()) == "torch"  # cached, no rerun
     monkeypatch.setenv(backend.ENV_VAR, "numba")
     with pytest.raises(ConfigError, match="kernel cannot run.*row_stack"):
         backend.selected_backend("gm_condition_mean", cuda())

@@ -67,5 +67,7 @@ def test_prune_keeps_last_and_milestones(tmp_path):
 
 def test_incomplete_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "step-x").mkdir()
-    with pytest.raises(CheckpointError, match="incomplete: expected model.safetensors and state.pt"):
+    with pytest.raises(
+        CheckpointError, match="incomplete: expected model.safetensors and state.pt"
+    ):
         ckpt.load_checkpoint(tmp_path / "step-x")

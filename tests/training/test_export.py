@@ -29,22 +29,51 @@ def pixel_run(tmp_path_factory):
         for i in range(6):
             img = (rng.random((8, 8, 3)) * 80 + 60 * c).astype(np.uint8)
             Image.fromarray(img).save(root / "images" / f"class{c}" / f"{i}.png")
-    cache_latents(CacheConfig(source=root / "images", out_dir=root / "data", vae="none",
-                              resolution=8, num_workers=0))
-    cfg = from_dict({
-        "model": {"arch": "gmdit", "preset": "custom", "hidden_size": 32, "depth": 2,
-                  "num_heads": 2, "patch_size": 2, "num_gaussians": 3, "in_channels": 3,
-                  "sample_size": 8, "num_classes": 3, "logstd_inner_dim": 16,
-                  "use_spectrum_net": True},
-        "data": {"kind": "shards", "path": str(root / "data"), "num_workers": 0,
-                 "shuffle_buffer": 16, "random_flip": False},
-        "optim": {"lr": 1e-3, "warmup_steps": 2, "grad_clip_from_step": 0},
-        "ema": {"kind": "karras"},
-        "validation": {"every": 3, "num_steps": 2, "num_substeps": 2, "num_images": 4},
-        "train": {"max_steps": 3, "global_batch_size": 8, "batch_size_per_device": 8,
-                  "device": "cpu", "precision": "fp32", "checkpoint_every": 3,
-                  "checkpoint_milestones": [], "log_every": 1, "use_tensorboard": False},
-    }, RunConfig)
+    cache_latents(
+        CacheConfig(
+            source=root / "images", out_dir=root / "data", vae="none", resolution=8, num_workers=0
+        )
+    )
+    cfg = from_dict(
+        {
+            "model": {
+                "arch": "gmdit",
+                "preset": "custom",
+                "hidden_size": 32,
+                "depth": 2,
+                "num_heads": 2,
+                "patch_size": 2,
+                "num_gaussians": 3,
+                "in_channels": 3,
+                "sample_size": 8,
+                "num_classes": 3,
+                "logstd_inner_dim": 16,
+                "use_spectrum_net": True,
+            },
+            "data": {
+                "kind": "shards",
+                "path": str(root / "data"),
+                "num_workers": 0,
+                "shuffle_buffer": 16,
+                "random_flip": False,
+            },
+            "optim": {"lr": 1e-3, "warmup_steps": 2, "grad_clip_from_step": 0},
+            "ema": {"kind": "karras"},
+            "validation": {"every": 3, "num_steps": 2, "num_substeps": 2, "num_images": 4},
+            "train": {
+                "max_steps": 3,
+                "global_batch_size": 8,
+                "batch_size_per_device": 8,
+                "device": "cpu",
+                "precision": "fp32",
+                "checkpoint_every": 3,
+                "checkpoint_milestones": [],
+                "log_every": 1,
+                "use_tensorboard": False,
+            },
+        },
+        RunConfig,
+    )
     train(cfg, root / "run")
     return root
 
@@ -55,7 +84,11 @@ def test_export_then_load_reproduces_the_run_weights(pixel_run, tmp_path):
     result = runner.invoke(app, ["export", str(pixel_run / "run"), str(tmp_path / "pipe")])
     assert result.exit_code == 0, result.output
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["vae"] == [None, None] and index["id2label"] == {"0": "class0", "1": "class1", "2": "class2"}
+    assert index["vae"] == [None, None] and index["id2label"] == {
+        "0": "class0",
+        "1": "class1",
+        "2": "class2",
+    }
     pipe = GMDiTPipeline.from_pretrained(tmp_path / "pipe")
     _, denoiser, spectrum_net = load_run(pixel_run / "run")
     x = torch.randn(2, 3, 8, 8)
@@ -63,18 +96,39 @@ def test_export_then_load_reproduces_the_run_weights(pixel_run, tmp_path):
     a, b = denoiser(x, sigma, labels), pipe.transformer(x, sigma, labels)
     torch.testing.assert_close(a.means, b.means, rtol=0, atol=0)
     torch.testing.assert_close(a.logstds, b.logstds, rtol=0, atol=0)
-    for p, q in zip(spectrum_net.state_dict().values(), pipe.spectrum_net.state_dict().values(), strict=True):
+    for p, q in zip(
+        spectrum_net.state_dict().values(), pipe.spectrum_net.state_dict().values(), strict=True
+    ):
         assert torch.equal(p, q)
-    assert (pixel_run / "run" / "samples" / "step-00000003.png").is_file()   # validation grid
+    assert (pixel_run / "run" / "samples" / "step-00000003.png").is_file()  # validation grid
 
 
 def test_sample_from_the_exported_pipeline(pixel_run, tmp_path):
-    assert runner.invoke(app, ["export", str(pixel_run / "run"), str(tmp_path / "pipe")]).exit_code == 0
-    result = runner.invoke(app, [
-        "sample", "--pretrained", str(tmp_path / "pipe"), "--solver", "gm-sde2",
-        "--class-ids", "0", "2", "--num-per-class", "2", "--steps", "2", "--guidance", "0.3",
-        "--out-dir", str(tmp_path / "samples"),
-    ])
+    assert (
+        runner.invoke(app, ["export", str(pixel_run / "run"), str(tmp_path / "pipe")]).exit_code
+        == 0
+    )
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "--pretrained",
+            str(tmp_path / "pipe"),
+            "--solver",
+            "gm-sde2",
+            "--class-ids",
+            "0",
+            "2",
+            "--num-per-class",
+            "2",
+            "--steps",
+            "2",
+            "--guidance",
+            "0.3",
+            "--out-dir",
+            str(tmp_path / "samples"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "samples").glob("sample-*.png"))) == 4
 

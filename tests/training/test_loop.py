@@ -1,4 +1,4 @@
-"""The trainer: the loss falls, bad input fails before step 0, and resume is exact (also after SIGKILL)."""
+"""The trainer: the loss falls, bad input fails before step 0, resume is exact (after a kill)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ from gmflow.training.checkpoint import latest_checkpoint, list_checkpoints
 
 TINY = {
     "model": {
-        "arch": "mlp2d", "num_gaussians": 4, "in_channels": 2, "sample_size": 1,
-        "use_spectrum_net": False, "hidden_dim": 32, "num_layers": 2,
+        "arch": "mlp2d",
+        "num_gaussians": 4,
+        "in_channels": 2,
+        "sample_size": 1,
+        "use_spectrum_net": False,
+        "hidden_dim": 32,
+        "num_layers": 2,
     },
     "data": {"kind": "checkerboard"},
     "loss": {"timesteps": "uniform", "trans_ratio": 0.9, "loss_scale": 2.0},
@@ -32,9 +37,16 @@ TINY = {
     "ema": {"kind": "karras"},
     "validation": {"every": 0},
     "train": {
-        "max_steps": 12, "global_batch_size": 256, "batch_size_per_device": 256, "device": "cpu",
-        "precision": "fp32", "checkpoint_every": 4, "checkpoint_milestones": [], "keep_last": 100,
-        "log_every": 2, "use_tensorboard": False,
+        "max_steps": 12,
+        "global_batch_size": 256,
+        "batch_size_per_device": 256,
+        "device": "cpu",
+        "precision": "fp32",
+        "checkpoint_every": 4,
+        "checkpoint_milestones": [],
+        "keep_last": 100,
+        "log_every": 2,
+        "use_tensorboard": False,
     },
 }
 
@@ -69,14 +81,18 @@ def test_loss_falls_and_logs_are_written(tmp_path):
 
 def test_resume_in_process_is_bit_identical(tmp_path):
     train(tiny(), tmp_path / "straight")
-    train(tiny(), tmp_path / "split", stop_after=6)          # checkpoints at 4 and 6
+    train(tiny(), tmp_path / "split", stop_after=6)  # checkpoints at 4 and 6
     assert [s for s, _ in list_checkpoints(tmp_path / "split")] == [4, 6]
     train(tiny(), tmp_path / "split")
     for step in (8, 12):
-        for a, b in zip(_weights(tmp_path / "straight", step), _weights(tmp_path / "split", step)):
+        for a, b in zip(
+            _weights(tmp_path / "straight", step), _weights(tmp_path / "split", step), strict=True
+        ):
             _assert_identical(a, b)
-    rows = [json.loads(x)["step"] for x in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
-    assert rows == [2, 4, 6, 8, 10, 12]                      # no duplicated or lost rows
+    rows = [
+        json.loads(x)["step"] for x in (tmp_path / "split/metrics.jsonl").read_text().splitlines()
+    ]
+    assert rows == [2, 4, 6, 8, 10, 12]  # no duplicated or lost rows
 
 
 def _cli(run_dir: Path, recipe: Path, nproc: int = 1) -> list[str]:
@@ -84,14 +100,22 @@ def _cli(run_dir: Path, recipe: Path, nproc: int = 1) -> list[str]:
         return [sys.executable, "-m", "gmflow_cli", "train", str(recipe), "--out-dir", str(run_dir)]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     return [
-        torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "gmflow_cli", "train",
-        str(recipe), "--out-dir", str(run_dir),
+        torchrun,
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "gmflow_cli",
+        "train",
+        str(recipe),
+        "--out-dir",
+        str(run_dir),
     ]
 
 
 def _kill_after_first_checkpoint(cmd: list[str], run_dir: Path, env: dict) -> None:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     deadline = time.time() + 120
     while not list_checkpoints(run_dir):
         if proc.poll() is not None or time.time() > deadline:
@@ -111,18 +135,22 @@ def test_sigkill_then_restart_is_bit_identical(tmp_path, nproc):
     recipe = tmp_path / "recipe.yaml"
     dump_recipe(cfg, recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_cli(tmp_path / "straight", recipe, nproc), env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        _cli(tmp_path / "straight", recipe, nproc), env=env, check=True, capture_output=True
+    )
     _kill_after_first_checkpoint(_cli(tmp_path / "killed", recipe, nproc), tmp_path / "killed", env)
-    subprocess.run(_cli(tmp_path / "killed", recipe, nproc), env=env, check=True,
-                   capture_output=True)
-    for a, b in zip(_weights(tmp_path / "straight"), _weights(tmp_path / "killed")):
+    subprocess.run(
+        _cli(tmp_path / "killed", recipe, nproc), env=env, check=True, capture_output=True
+    )
+    for a, b in zip(_weights(tmp_path / "straight"), _weights(tmp_path / "killed"), strict=True):
         _assert_identical(a, b)
 
 
 def test_world_size_mismatch_is_caught_before_step_0(tmp_path):
-    cfg = tiny(global_batch_size=512)                        # needs 2 processes
-    with pytest.raises(ConfigError, match=r"needs 2 processes, but this run has 1.*grad_accum_steps=2"):
+    cfg = tiny(global_batch_size=512)  # needs 2 processes
+    with pytest.raises(
+        ConfigError, match=r"needs 2 processes, but this run has 1.*grad_accum_steps=2"
+    ):
         train(cfg, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
@@ -136,10 +164,21 @@ def test_gpu_only_options_on_cpu(tmp_path):
 
 
 def test_missing_shards_fail_before_step_0(tmp_path):
-    data = {**TINY, "model": {"arch": "gmdit", "preset": "custom", "hidden_size": 32, "depth": 1,
-                              "num_heads": 2, "in_channels": 1, "sample_size": 8,
-                              "num_classes": 10, "use_spectrum_net": False},
-            "data": {"kind": "shards", "path": str(tmp_path / "nope"), "num_workers": 0}}
+    data = {
+        **TINY,
+        "model": {
+            "arch": "gmdit",
+            "preset": "custom",
+            "hidden_size": 32,
+            "depth": 1,
+            "num_heads": 2,
+            "in_channels": 1,
+            "sample_size": 8,
+            "num_classes": 10,
+            "use_spectrum_net": False,
+        },
+        "data": {"kind": "shards", "path": str(tmp_path / "nope"), "num_workers": 0},
+    }
     cfg = from_dict(data, RunConfig)
     with pytest.raises(DataError):
         train(cfg, tmp_path / "run")
@@ -157,5 +196,7 @@ def test_consecutive_non_finite_gradients_raise(tmp_path, monkeypatch):
     monkeypatch.setattr(build.GMFlowObjective, "forward", nan_forward)
     cfg = tiny()
     cfg = replace(cfg, optim=replace(cfg.optim, max_consecutive_skips=3))
-    with pytest.raises(DivergenceError, match="step 2: 3 consecutive steps had non-finite gradients"):
+    with pytest.raises(
+        DivergenceError, match="step 2: 3 consecutive steps had non-finite gradients"
+    ):
         train(cfg, tmp_path)

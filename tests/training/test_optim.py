@@ -20,7 +20,9 @@ def test_warmup_values_from_the_spec():
 
 
 def test_no_weight_decay_on_biases():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False), nn.Linear(4, 1))
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False), nn.Linear(4, 1)
+    )
     decay, no_decay = param_groups(model.named_parameters(), 0.05)
     assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[2].weight)}
     assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[2].bias)}
