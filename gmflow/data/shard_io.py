@@ -119,7 +119,9 @@ class ShardWriter:
         return self._hashing.sha256.hexdigest(), self._hashing.num_bytes
 
     def abort(self) -> None:
-        """Drop the temporary file."""
+        """Drop the temporary file (the tar stream is detached first, so nothing writes later)."""
+        self._tar.tarstream.fileobj = None  # a closed tarfile's finaliser would write its trailer
+        self._tar.tarstream.closed = True
         self._file.close()
         self.tmp_path.unlink(missing_ok=True)
 
