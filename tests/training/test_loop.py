@@ -200,3 +200,40 @@ def test_consecutive_non_finite_gradients_raise(tmp_path, monkeypatch):
         DivergenceError, match="step 2: 3 consecutive steps had non-finite gradients"
     ):
         train(cfg, tmp_path)
+
+
+def test_a_batch_that_does_not_divide_is_a_recipe_error():
+    bad = {**TINY, "train": {**TINY["train"], "global_batch_size": 300}}
+    with pytest.raises(ConfigError, match="global_batch_size=300 is not a multiple of"):
+        from_dict(bad, RunConfig, source="recipe.yaml")
+
+
+def test_data_whose_shape_the_model_does_not_take_fails_before_step_0(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from gmflow.data.cache import CacheConfig, cache_latents
+
+    (tmp_path / "img" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img" / "a" / "x.png")
+    cache_latents(
+        CacheConfig(source=tmp_path / "img", out_dir=tmp_path / "data", vae="none", resolution=8)
+    )
+    data = {
+        **TINY,
+        "model": {
+            "arch": "gmdit",
+            "preset": "custom",
+            "hidden_size": 32,
+            "depth": 1,
+            "num_heads": 2,
+            "in_channels": 4,
+            "sample_size": 8,
+            "num_classes": 1,
+            "use_spectrum_net": False,
+        },
+        "data": {"kind": "shards", "path": str(tmp_path / "data"), "num_workers": 0},
+    }
+    with pytest.raises(DataError, match=r"shape \(3, 8, 8\).*the model expects \(4, 8, 8\)"):
+        train(from_dict(data, RunConfig), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
