@@ -14,6 +14,7 @@ TRAIN_RECIPES = [
     "imagenet256_gmdit_b2_k8.yaml",
     "imagenet256_gmdit_xl2_k8.yaml",
     "digits_gmdit_tiny.yaml",
+    "toy_checkerboard_k64_train.yaml",
 ]
 
 
@@ -48,3 +49,15 @@ def test_digits_recipe_keeps_digits_unflipped():
     assert (
         cfg.data.random_flip is False and cfg.model.in_channels == 3 and cfg.model.num_classes == 10
     )
+
+
+def test_toy_training_recipe_holds_the_spec_4_7_settings():
+    cfg = load_recipe(RECIPES / "toy_checkerboard_k64_train.yaml", RunConfig)
+    assert (cfg.model.arch, cfg.model.num_gaussians, cfg.data.kind) == ("mlp2d", 64, "checkerboard")
+    assert (cfg.loss.trans_ratio, cfg.loss.timesteps, cfg.ema.kind, cfg.ema.gamma) == (
+        0.9,
+        "uniform",
+        "karras",
+        7.0,
+    )
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.train.global_batch_size) == (2e-4, 0.0, 4096)
