@@ -1,0 +1,193 @@
+"""Sweep the toy's tuning knobs (lr, warm-up, EMA, trans_ratio, precision, width, sub-steps).
+
+Each named variant trains GMFlow (and, where asked, the K = 1 baseline) with ``gmflow.toy``'s
+trainer and scores a few grid cells with the metrics of issue 3 §4. Meant for a GPU (minutes for
+the whole sweep at the anchor budget); on a CPU pass --only to run one variant.
+
+Usage:
+    python benchmarks/toy_sweep.py --device cuda
+    python benchmarks/toy_sweep.py --device cpu --only spec --iters 100 --num-samples 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from gmflow.config import apply_overrides
+from gmflow.models.mlp2d import SigmaDenoiser
+from gmflow.toy import ToyConfig, build_toy_model, point_cloud_metrics, sample_cell, train_toy_model
+
+ANCHOR = [
+    "model.num_gaussians=64",
+    "model.hidden_dim=512",
+    "train.batch_size=4096",
+    "train.iters=4000",
+    "eval.gm_ode_fine_steps=128",
+    "train.precision=fp32",
+    "eval.precision=fp32",
+]
+OFFICIAL = [
+    "train.lr=2e-4",
+    "train.betas=[0.9, 0.999]",
+    "train.warmup_steps=0",
+    "train.trans_ratio=1.0",
+    "train.ema=none",
+]
+VARIANTS: dict[str, list[str]] = {
+    "official": ANCHOR + OFFICIAL,
+    "spec": ANCHOR + ["train.lr=2e-4", "train.betas=[0.9, 0.999]", "train.warmup_steps=1000"],
+    "lr5e-4": ANCHOR + ["train.lr=5e-4", "train.warmup_steps=200"],
+    "lr1e-3": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200"],
+    "lr2e-3": ANCHOR + ["train.lr=2e-3", "train.warmup_steps=400"],
+    "lr1e-3-nll": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200", "train.trans_ratio=1.0"],
+    "lr1e-3-bf16": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200", "train.precision=bf16"],
+    "lr1e-3-tr0.8": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200", "train.trans_ratio=0.8"],
+    "lr1e-3-noema": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200", "train.ema=none"],
+    "lr1e-3-d256": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200", "model.hidden_dim=256"],
+    "lr2e-3-d256": ANCHOR + ["train.lr=2e-3", "train.warmup_steps=400", "model.hidden_dim=256"],
+}
+DEFAULT_VARIANTS: dict[str, list[str]] = {  # candidates for the CPU default of `gmflow toy`
+    "d256-1500": [  # as run on the H100 (fp32, the paper's 128 fine GM-ODE steps)
+        "model.hidden_dim=256",
+        "train.iters=1500",
+        "train.lr=1e-3",
+        "train.warmup_steps=200",
+        "train.precision=fp32",
+        "eval.precision=fp32",
+        "eval.gm_ode_fine_steps=128",
+    ],
+    "d128-1500": [  # as run on the H100 (fp32, the paper's 128 fine GM-ODE steps)
+        "model.hidden_dim=128",
+        "train.iters=1500",
+        "train.lr=2e-3",
+        "train.warmup_steps=200",
+        "train.precision=fp32",
+        "eval.precision=fp32",
+        "eval.gm_ode_fine_steps=128",
+    ],
+    "d128-1500-bf16": [
+        "model.hidden_dim=128",
+        "train.iters=1500",
+        "train.lr=2e-3",
+        "train.warmup_steps=200",
+        "train.precision=bf16",
+        "eval.precision=bf16",
+        "eval.gm_ode_fine_steps=32",
+    ],
+    "d128-1500-bf16-g3": [
+        "model.hidden_dim=128",
+        "train.iters=1500",
+        "train.lr=2e-3",
+        "train.warmup_steps=200",
+        "train.precision=bf16",
+        "eval.precision=bf16",
+        "eval.gm_ode_fine_steps=32",
+        "train.ema_gamma=3",
+    ],
+}
+CELLS = [
+    ("gm-sde2", 2),
+    ("gm-sde2", 4),
+    ("gm-sde2", 8),
+    ("gm-ode2", 2),
+    ("gm-ode2", 4),
+    ("gm-ode2", 8),
+]
+BASELINE_CELLS = [("euler", 8), ("euler", 16), ("euler", 32)]
+
+
+def evaluate(model, cfg: ToyConfig, cells, device, substeps=None) -> dict[str, float]:  # noqa: ANN001
+    ev = (
+        cfg.eval
+        if substeps is None
+        else apply_overrides(cfg, [f"eval.gm_ode_fine_steps={substeps}"]).eval
+    )
+    out = {}
+    for name, nfe in cells:
+        points, info = sample_cell(model, name, nfe, ev, device)
+        m = point_cloud_metrics(points.cpu())
+        out[f"{name}@{nfe}" + (f"/F{substeps}" if substeps else "")] = round(m["kl"], 4)
+    return out
+
+
+def run(name: str, overrides: list[str], args: argparse.Namespace, baseline: bool) -> dict:
+    cfg = apply_overrides(
+        ToyConfig(),
+        [
+            *overrides,
+            f"train.device={args.device}",
+            f"eval.num_samples={args.num_samples}",
+            *args.set,
+        ],
+    )
+    if args.iters:
+        cfg = apply_overrides(cfg, [f"train.iters={args.iters}"])
+    device = torch.device(args.device)
+    torch.manual_seed(cfg.train.seed)
+    net = build_toy_model(cfg.model, num_gaussians=cfg.model.num_gaussians)
+    start = time.time()
+    log = train_toy_model(net, cfg.train, trans_ratio=cfg.train.trans_ratio, device=device)
+    row = {
+        "variant": name,
+        "s_per_iter": round(log.seconds_per_iter, 4),
+        "final_loss": round(log.final_loss, 4),
+    }
+    model = SigmaDenoiser(net)
+    cells = (
+        CELLS
+        if args.cells is None
+        else [(c.split("@")[0], int(c.split("@")[1])) for c in args.cells]
+    )
+    row.update(evaluate(model, cfg, [c for c in cells if c[0].startswith("gm")], device))
+    if args.substeps:
+        row.update(
+            evaluate(model, cfg, [("gm-ode2", 4), ("gm-ode2", 8)], device, substeps=args.substeps)
+        )
+    if baseline:
+        torch.manual_seed(cfg.train.seed)
+        base = build_toy_model(
+            cfg.model, num_gaussians=1, constant_logstd=cfg.baseline.constant_logstd
+        )
+        train_toy_model(base, cfg.train, trans_ratio=cfg.baseline.trans_ratio, device=device)
+        base_cells = (
+            BASELINE_CELLS
+            if args.cells is None
+            else [c for c in cells if not c[0].startswith("gm")]
+        )
+        row.update(evaluate(SigmaDenoiser(base), cfg, base_cells, device))
+    row["wall_s"] = round(time.time() - start, 1)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--only", nargs="*", default=None, help="variants to run, in this order")
+    parser.add_argument(
+        "--iters", type=int, default=0, help="override train.iters of every variant"
+    )
+    parser.add_argument("--num-samples", type=int, default=100_000)
+    parser.add_argument(
+        "--substeps", type=int, default=0, help="also score gm-ode2 with these fine steps (0: skip)"
+    )
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument(
+        "--cells", nargs="*", default=None, help="grid cells as solver@nfe (default: all above)"
+    )
+    args = parser.parse_args()
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # keep fp32 numerics comparable with the CPU
+    todo = {**VARIANTS, **DEFAULT_VARIANTS}
+    for name in args.only if args.only is not None else todo:
+        run(name, todo[name], args, baseline=name in DEFAULT_VARIANTS)
+
+
+if __name__ == "__main__":
+    main()
