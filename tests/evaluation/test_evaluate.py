@@ -393,4 +393,6 @@ def test_two_process_torchrun_gives_the_same_samples_and_metrics(
         _images(tmp_path / "two", pid, 8, 2), _images(tmp_path / "one", pid, 8, 2)
     )
     for key in ("fid", "is", "precision", "recall"):
-        assert two[key] == pytest.approx(one[key], rel=1e-9)
+        # samples are byte-identical (above); the metrics run in another process whose BLAS
+        # thread split may reassociate sums (seen: 1.6e-9 relative on FID)
+        assert two[key] == pytest.approx(one[key], rel=1e-6)
