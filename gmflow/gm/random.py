@@ -28,6 +28,15 @@ def _per_row(name: str, shape: tuple[int, ...], generators: Sequence[torch.Gener
     return gens
 
 
+def _draw(fn, name: str, shape: Sequence[int], generator: Generators, device, dtype) -> Tensor:  # type: ignore[no-untyped-def]
+    shape = tuple(shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        return fn(shape, generator=generator, device=device, dtype=dtype)
+    gens = _per_row(name, shape, generator)
+    rows = [fn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in gens]
+    return torch.stack(rows).to(device)
+
+
 def randn(
     shape: Sequence[int],
     generator: Generators,
@@ -36,12 +45,7 @@ def randn(
     dtype: torch.dtype,
 ) -> Tensor:
     """Standard normal draws of ``shape``; row i from ``generator[i]`` when a sequence is given."""
-    shape = tuple(shape)
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    gens = _per_row("randn", shape, generator)
-    rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in gens]
-    return torch.stack(rows).to(device)
+    return _draw(torch.randn, "randn", shape, generator, device, dtype)
 
 
 def rand(
@@ -52,12 +56,7 @@ def rand(
     dtype: torch.dtype,
 ) -> Tensor:
     """Uniform [0, 1) draws of ``shape``; row i from ``generator[i]`` when a sequence is given."""
-    shape = tuple(shape)
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    gens = _per_row("rand", shape, generator)
-    rows = [torch.rand(shape[1:], generator=g, device=g.device, dtype=dtype) for g in gens]
-    return torch.stack(rows).to(device)
+    return _draw(torch.rand, "rand", shape, generator, device, dtype)
 
 
 def row_generators(
