@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from gmflow.errors import CheckpointError, ConfigError
+from gmflow.solver_names import SOLVER_VARIANTS, STOCHASTIC_SOLVERS
 
 __all__ = [
     "SOLVERS",
@@ -43,17 +44,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SOLVERS: dict[str, tuple[str, int]] = {
-    "gm-ode2": ("gm-ode", 2),
-    "gm-sde2": ("gm-sde", 2),
-    "gm-ode": ("gm-ode", 1),
-    "gm-sde": ("gm-sde", 1),
-    "euler": ("euler", 1),
-    "heun": ("heun", 1),
-    "ddpm": ("ddpm", 1),
-}
-"""CLI solver name -> (:func:`gmflow.flow.sample` solver, order)."""
-STOCHASTIC = ("gm-sde", "ddpm")
+SOLVERS = SOLVER_VARIANTS  # CLI solver name -> (gmflow.flow.sample solver, order)
+STOCHASTIC = STOCHASTIC_SOLVERS
 GRID_MAX_IMAGES = 64  # the grid shows the first 64 samples, one row per class (8 columns at most)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gmflow.errors import ConfigError
+from gmflow.solver_names import SOLVER_VARIANTS, STOCHASTIC_SOLVERS
 
 __all__ = [
     "PAPER_GUIDANCE_SCALES",
@@ -32,20 +33,10 @@ PAPER_GUIDANCE_SCALES: tuple[float, ...] = (
 )  # fmt: skip
 """The FID sweep of the paper (spec 6): ``--guidance-sweep paper``."""
 
-EVAL_SOLVERS: dict[str, tuple[str, int]] = {
-    "gm-ode2": ("gm-ode", 2),
-    "gm-sde2": ("gm-sde", 2),
-    "gm-ode": ("gm-ode", 1),
-    "gm-sde": ("gm-sde", 1),
-    "euler": ("euler", 1),
-    "heun": ("heun", 1),
-    "ddpm": ("ddpm", 1),
-}
-"""Solver name -> (:func:`gmflow.flow.sample` solver, order); the names of ``gmflow sample``."""
+EVAL_SOLVERS = SOLVER_VARIANTS  # the names of ``gmflow sample`` (gmflow.solver_names)
 
 NOISE_SEED_OFFSET = 1000  # spec 11.2 [LL]: the noise of sample i is seeded with i + 1000
 SEED_STRIDE = 10**7  # seed s draws sample i from the seeds s·10⁷ + i (+ 1000 for the noise)
-STOCHASTIC_SOLVERS = ("gm-sde", "ddpm")  # draw noise inside the loop (flow.sample solver names)
 
 
 def substeps_for(solver: str, num_steps: int, num_substeps: int | None) -> int:

@@ -1,0 +1,19 @@
+"""The solver names users type (`gmflow sample`, `gmflow evaluate`) in one place; no torch."""
+
+from __future__ import annotations
+
+__all__ = ["SOLVER_VARIANTS", "STOCHASTIC_SOLVERS"]
+
+SOLVER_VARIANTS: dict[str, tuple[str, int]] = {
+    "gm-ode2": ("gm-ode", 2),
+    "gm-sde2": ("gm-sde", 2),
+    "gm-ode": ("gm-ode", 1),
+    "gm-sde": ("gm-sde", 1),
+    "euler": ("euler", 1),
+    "heun": ("heun", 1),
+    "ddpm": ("ddpm", 1),
+}
+"""User-facing solver name -> (:func:`gmflow.flow.sample` solver, order)."""
+
+STOCHASTIC_SOLVERS = ("gm-sde", "ddpm")
+"""``gmflow.flow.sample`` solvers that draw noise inside the loop."""
