@@ -2,6 +2,7 @@
 flow-matching head (plain L2 on u), in the same run on the same machine.
 
     .venv/bin/python benchmarks/training.py [--preset S/2] [--batch 16] [--steps 10] [--device cpu]
+        [--precision fp32|bf16]
 
 Prints samples/s of each and the GM overhead (target <= 5%, spec: "similar training cost").
 """
@@ -9,6 +10,7 @@ Prints samples/s of each and the GM overhead (target <= 5%, spec: "similar train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -41,13 +43,17 @@ def fm_step(model, x0, labels, opt):
     opt.zero_grad(set_to_none=True)
 
 
-def timed(step, model, x0, labels, steps, device):
+def timed(step, model, x0, labels, steps, device, autocast):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step(model, x0, labels, opt)  # warm-up
+    with autocast():
+        step(model, x0, labels, opt)  # warm-up
     times = []
     for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step(model, x0, labels, opt)
+        with autocast():
+            step(model, x0, labels, opt)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -61,8 +67,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: autocast of the forward pass, as the trainer's bf16 (fp32 weights and loss)",
+    )
     args = p.parse_args()
     device = torch.device(args.device)
+
+    def autocast() -> contextlib.AbstractContextManager[object]:
+        if args.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     torch.manual_seed(0)
     x0 = torch.randn(args.batch, 4, 32, 32, device=device)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
@@ -70,13 +88,13 @@ def main() -> None:
     fm_model = build_gmdit(args.preset, num_gaussians=1, constant_logstd=0.0).to(device)
     gm_t, fm_t = [], []
     for _ in range(args.rounds):  # interleave: fair under shared CPUs
-        gm_t.append(timed(gm_step, gm_model, x0, labels, args.steps, device))
-        fm_t.append(timed(fm_step, fm_model, x0, labels, args.steps, device))
+        gm_t.append(timed(gm_step, gm_model, x0, labels, args.steps, device, autocast))
+        fm_t.append(timed(fm_step, fm_model, x0, labels, args.steps, device, autocast))
     g, f = statistics.median(gm_t), statistics.median(fm_t)
     n_gm = sum(p.numel() for p in gm_model.parameters())
     n_fm = sum(p.numel() for p in fm_model.parameters())
     print(
-        f"GM-DiT {args.preset}, batch {args.batch}, {device}, "
+        f"GM-DiT {args.preset}, batch {args.batch}, {device}, {args.precision}, "
         f"torch threads {torch.get_num_threads()}"
     )
     print(f"{'model':<28}{'params':>12}{'s/step':>10}{'samples/s':>12}")

@@ -81,6 +81,9 @@ def impose_gaussian(
     logstds = gm.logstds + 0.5 * (torch.log(tau * v) - torch.log(den))
     quad = (rho * d.square() - 2 * d * bk).sum(dim=-3, keepdim=True)  # (..., K, 1, H, W)
     logweights = torch.log_softmax(gm.logweights - 0.5 * quad / den, dim=-4)
+    if isinstance(var_ratio, float | int) and var_ratio != 1:
+        # nothing to keep: every sample has its variance narrowed (guidance with w > 0)
+        return GaussianMixture(means, logweights, logstds)
     # exact identity where nothing is imposed (b = 0 and τ = 1), per sample
     tau_one = (tau == 1) if tau.dim() == 0 else (tau == 1).flatten(-4).all(-1)
     keep = ((b == 0).flatten(-3).all(-1) & tau_one)[..., None, None, None, None]

@@ -267,8 +267,18 @@ def reverse_transition(
 
 def _reconditioning_terms(
     x_src: Tensor, sigma_src: Sigma, x_t: Tensor, sigma_t: Sigma
-) -> tuple[Tensor, Tensor]:
-    """ζ = (α_t/σ_t)² − (α_src/σ_src)² (per sample) and ν = α_t x_t/σ_t² − α_src x_src/σ_src²."""
+) -> tuple[Tensor | float, Tensor]:
+    """ζ = (α_t/σ_t)² − (α_src/σ_src)² (per sample) and ν = α_t x_t/σ_t² − α_src x_src/σ_src².
+
+    Python-float levels (the samplers' grids) give a float ζ and ν in two tensor ops: the GM-ODE
+    sub-steps run this at every sub-step, and on a GPU each op is a kernel launch.
+    """
+    if all(isinstance(v, float | int) and not isinstance(v, bool) for v in (sigma_src, sigma_t)):
+        s_src, s_t = max(float(sigma_src), SIGMA_FLOOR), max(float(sigma_t), SIGMA_FLOOR)
+        c_src, c_t = (1 - s_src) / s_src**2, (1 - s_t) / s_t**2
+        precision = ((1 - s_t) / s_t) ** 2 - ((1 - s_src) / s_src) ** 2
+        dtype = gm_dtype(x_t.dtype, x_src.dtype)
+        return precision, torch.add(x_t.to(dtype) * c_t, x_src.to(dtype), alpha=-c_src)
     s_src = _per_sample(_as_level(sigma_src, x_t), 3).clamp_min(SIGMA_FLOOR)
     s_t = _per_sample(_as_level(sigma_t, x_t), 3).clamp_min(SIGMA_FLOOR)
     a_src, a_t = 1 - s_src, 1 - s_t

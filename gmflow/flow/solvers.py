@@ -19,6 +19,7 @@ from gmflow.flow.path import SIGMA_FLOOR, Sigma, _as_level, _per_sample, posteri
 from gmflow.flow.second_order import SecondOrderState, second_order_correction
 from gmflow.flow.timesteps import sigma_grid
 from gmflow.gm import GaussianMixture, IsoGaussian, gm_to_iso_gaussian, gm_to_mean, gm_to_sample
+from gmflow.gm.mixture import gm_dtype
 from gmflow.gm.random import Generators, randn
 
 __all__ = [
@@ -37,6 +38,10 @@ Denoiser = Callable[[Tensor, Tensor, Tensor | None], GaussianMixture]
 """denoiser(x_t (B, C, H, W), sigma (B,), class_labels (B,) or None) -> GaussianMixture over u."""
 
 
+def _both_floats(*levels: Sigma) -> bool:
+    return all(isinstance(v, float | int) and not isinstance(v, bool) for v in levels)
+
+
 def flow_euler_step(x_t: Tensor, x0_hat: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
     """One Euler step of dx/dσ = (x − x̂0)/σ in its x0 form (FlowEulerODE, spec 8.1).
 
@@ -51,6 +56,10 @@ def flow_euler_step(x_t: Tensor, x0_hat: Tensor, sigma: Sigma, sigma_next: Sigma
     Returns:
         x at σ'.
     """
+    if _both_floats(sigma, sigma_next):  # the samplers' grids: one fused op (a launch on GPUs)
+        ratio = float(sigma_next) / max(float(sigma), SIGMA_FLOOR)
+        dtype = torch.promote_types(gm_dtype(x_t.dtype), x0_hat.dtype)
+        return torch.lerp(x0_hat.to(dtype), x_t.to(dtype), ratio)
     s = _per_sample(_as_level(sigma, x_t), 3).clamp_min(SIGMA_FLOOR)
     ratio = _per_sample(_as_level(sigma_next, x_t), 3) / s
     return ratio * x_t + (1 - ratio) * x0_hat
@@ -82,6 +91,14 @@ def flow_sde_step(
     Returns:
         x at σ'.
     """
+    if _both_floats(sigma, sigma_next):  # the same maths as coefficients of x, x̂0 and z
+        s, s_next = float(sigma), float(sigma_next)
+        a, a_next = 1 - s, 1 - s_next
+        m = (s_next * a / max(s * a_next, SIGMA_FLOOR)) ** (diffusion**2)
+        c_x = s_next * m / max(s, SIGMA_FLOOR)
+        dtype = torch.promote_types(gm_dtype(x_t.dtype), x0_hat.dtype)
+        out = torch.add(x_t.to(dtype) * c_x, x0_hat.to(dtype), alpha=a_next - c_x * a)
+        return torch.add(out, noise.to(dtype), alpha=s_next * math.sqrt(max(1 - m * m, 0.0)))
     s = _per_sample(_as_level(sigma, x_t), 3)
     s_next = _per_sample(_as_level(sigma_next, x_t), 3)
     a, a_next = 1 - s, 1 - s_next

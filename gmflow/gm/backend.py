@@ -69,8 +69,9 @@ def requested_backend() -> str:
 
 @functools.cache
 def _numba_cuda_usable() -> bool:
-    from numba import cuda
+    from gmflow.gm._numba_compat import import_numba_cuda
 
+    cuda = import_numba_cuda()
     return bool(cuda.is_available())
 
 

@@ -26,7 +26,10 @@ from typing import Any
 
 import numba
 import numpy as np
-from numba import cuda
+
+from gmflow.gm._numba_compat import import_numba_cuda
+
+cuda = import_numba_cuda()
 
 __all__ = [
     "THREADS_PER_BLOCK",

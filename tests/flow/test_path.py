@@ -290,3 +290,18 @@ def test_per_sample_levels_equal_separate_scalar_calls(random_gm, generator):
     one = reverse_transition(gm[1:2], x_t[1:2], s_src[1], s_t[1])
     assert_close(trans.means[1:2], one.means)
     assert_close(trans.logstds[1:2], one.logstds)
+
+
+@pytest.mark.parametrize(("sigma_src", "sigma_t"), [(0.8, 0.6), (1.0, 0.3), (0.2, 1e-8)])
+def test_reconditioning_float_levels_match_tensor_levels(sigma_src, sigma_t):
+    """posterior_mean with Python-float levels (the sampler's fast path) = per-sample tensors."""
+    from gmflow.flow.path import _reconditioning_terms
+
+    g = torch.Generator().manual_seed(3)
+    x_src, x_t = (torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    s_src, s_t = (torch.full((2,), v, dtype=torch.float64) for v in (sigma_src, sigma_t))
+    prec_f, lin_f = _reconditioning_terms(x_src, sigma_src, x_t, sigma_t)
+    prec_t, lin_t = _reconditioning_terms(x_src, s_src, x_t, s_t)
+    assert isinstance(prec_f, float)
+    torch.testing.assert_close(torch.full_like(prec_t, prec_f), prec_t, rtol=1e-12, atol=0)
+    torch.testing.assert_close(lin_f, lin_t, rtol=1e-12, atol=1e-9)

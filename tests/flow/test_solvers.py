@@ -125,6 +125,25 @@ def test_sde_step_is_the_ddpm_posterior_and_its_limits(generator):
     assert torch.equal(flow_euler_step(x, x0, 0.5, 0.0), x0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    ("sigma", "sigma_next"), [(1.0, 0.7), (0.6, 0.2), (0.3, 1e-7), (2e-7, 0.0)]
+)
+def test_float_levels_match_tensor_levels(generator, dtype, sigma, sigma_next):
+    """The samplers pass Python-float levels (a fused fast path); per-sample tensors take the
+    general path; both are the same maths."""
+    x, x0, z = (torch.randn(3, 2, 2, 2, generator=generator, dtype=dtype) for _ in range(3))
+    s, s_next = torch.full((3,), sigma, dtype=F64), torch.full((3,), sigma_next, dtype=F64)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-5, "atol": 1e-5}
+    fast = flow_euler_step(x, x0, sigma, sigma_next)
+    assert fast.dtype == dtype
+    assert_close(fast, flow_euler_step(x, x0, s, s_next).to(dtype), **tol)
+    for h in (0.0, 0.5, 1.0):
+        fast = flow_sde_step(x, x0, sigma, sigma_next, z, diffusion=h)
+        assert fast.dtype == dtype
+        assert_close(fast, flow_sde_step(x, x0, s, s_next, z, diffusion=h).to(dtype), **tol)
+
+
 def test_default_num_substeps():
     assert [default_num_substeps(n) for n in (1, 4, 8, 16, 32, 100)] == [128, 32, 16, 8, 4, 2]
 
