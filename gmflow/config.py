@@ -71,6 +71,9 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        schemas = [a for a in args if dataclasses.is_dataclass(a)]
+        if len(schemas) == 1 and isinstance(value, Mapping):
+            return _convert(value, schemas[0], key, source)  # its errors name the nested key
         for arg in args:
             if arg is type(None):
                 continue
@@ -188,11 +191,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into (['a','b','c'], yaml.safe_load(value))."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. --set optim.lr=1e-4")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}': the key must be a dotted name like train.lr")
+        raise ConfigError(f"override '{text}': the key must be a dotted name like optim.lr")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:

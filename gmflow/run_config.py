@@ -18,8 +18,16 @@ __all__ = [
     "EMAConfig",
     "ValidationConfig",
     "TrainConfig",
+    "ToyBaselineConfig",
+    "ToyEvalConfig",
+    "ToySectionConfig",
     "RunConfig",
+    "GM_SOLVERS",
+    "BASELINE_SOLVERS",
 ]
+
+GM_SOLVERS = ("gm-sde2", "gm-ode2", "gm-sde", "gm-ode")  # gmflow toy: run on the GMFlow model
+BASELINE_SOLVERS = ("euler", "heun")  # gmflow toy: run on the K = 1 flow-matching baseline
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,7 +161,12 @@ class TrainConfig:
     grad_accum_steps: int = 1
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
+    # bf16: autocast on GPU (CPU always runs fp32); auto: bf16 where the GPU supports it, else
+    # fp32. `gmflow toy` reads the same key for its MLP trunk, where auto is bf16 on CUDA and on
+    # CPUs with bf16 matrix hardware (AMX, AVX512-BF16), fp32 elsewhere, and bf16 forces a bf16
+    # trunk even on CPU (gmflow.toy_train.trunk_dtype). One key rather than a toy-only one: a recipe
+    # states one training precision, whichever command trains it.
+    precision: Literal["auto", "fp32", "bf16"] = "bf16"
     compile: bool = False  # torch.compile the denoiser
     checkpoint_every: int = 1000
     checkpoint_milestones: tuple[int, ...] = (40_000, 80_000, 120_000, 160_000, 200_000)
@@ -177,8 +190,63 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ToyBaselineConfig:
+    """How the K = 1 flow-matching baseline of ``gmflow toy`` differs from its GMFlow model."""
+
+    trans_ratio: float = 1.0  # 1: the loss is exactly ‖u − μ‖²/2 + const (L2 flow matching)
+    constant_logstd: float | None = 0.0  # fixed log s (no std head); null: learned, as GMFlow
+
+    def __post_init__(self) -> None:
+        if not 0 < self.trans_ratio <= 1:
+            raise ValueError(f"toy.baseline.trans_ratio must lie in (0, 1], got {self.trans_ratio}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyEvalConfig:
+    """The evaluation grid of ``gmflow toy`` and its metrics (issue 3 §4)."""
+
+    num_samples: int = 100_000  # samples per grid cell (and for the noise floor)
+    solvers: tuple[str, ...] = GM_SOLVERS + BASELINE_SOLVERS
+    nfes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # network evaluations per sample
+    gm_ode_fine_steps: int = 32  # GM-ODE sub-steps S = max(ceil(fine_steps / N), 2); paper: 128
+    batch_size: int = 10_000  # points per sampler call (small chunks stay in the CPU caches)
+    sw2_projections: int = 64  # directions of the sliced Wasserstein-2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # trunk matmuls while sampling
+    seed: int = 1234  # initial noise and solver noise (the same for every cell)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.solvers if s not in GM_SOLVERS + BASELINE_SOLVERS]
+        if unknown:
+            raise ValueError(
+                f"toy.eval.solvers: unknown {unknown}; valid: {list(GM_SOLVERS + BASELINE_SOLVERS)}"
+            )
+        if min(self.num_samples, self.batch_size, self.gm_ode_fine_steps, *self.nfes) < 1:
+            raise ValueError(
+                "toy.eval.num_samples, batch_size, gm_ode_fine_steps and every nfes must be >= 1"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToySectionConfig:
+    """The ``toy:`` section: what only ``gmflow toy`` needs besides the training recipe.
+
+    ``gmflow toy`` trains GMFlow from the recipe's model / loss / optim / ema / train settings,
+    then a K = 1 baseline that differs as ``baseline`` says, and scores the ``eval`` grid.
+    The trainer (``gmflow train``) ignores this section.
+    """
+
+    baseline: ToyBaselineConfig = field(default_factory=ToyBaselineConfig)
+    eval: ToyEvalConfig = field(default_factory=ToyEvalConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """A complete training recipe."""
+    """A complete training recipe.
+
+    ``toy`` is optional and only read by ``gmflow toy`` (the K = 1 baseline and the evaluation
+    grid of the 2-D checkerboard experiment, see recipes/toy_checkerboard_k64.yaml); the trainer
+    ignores it. Absent (null), ``gmflow toy`` uses the defaults of :class:`ToySectionConfig`.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(kind="checkerboard"))
@@ -187,6 +255,7 @@ class RunConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    toy: ToySectionConfig | None = None  # gmflow toy only; the trainer ignores it
 
     def __post_init__(self) -> None:
         if self.data.kind == "checkerboard" and self.model.arch != "mlp2d":

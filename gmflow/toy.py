@@ -1,10 +1,10 @@
 """The 2-D checkerboard experiment end to end: train GMFlow and a flow-matching baseline, evaluate.
 
 ``run_toy(cfg, out_dir)`` trains a K-component GMFlow MLP with the transition loss (spec 4.3,
-λ = ``trans_ratio``) and a K = 1 flow-matching baseline (the same network with one component and a
-constant std: the L2 flow-matching loss, spec 4.3 item 7) on the same budget, then samples
-``eval.num_samples`` points with every solver × NFE of the grid and scores them against the exact
-density (:mod:`gmflow.data.checkerboard`):
+λ = ``loss.trans_ratio``) and a K = 1 flow-matching baseline (the same network with one component
+and a constant std: the L2 flow-matching loss, spec 4.3 item 7) on the same budget, then samples
+``toy.eval.num_samples`` points with every solver × NFE of the grid and scores them against the
+exact density (:mod:`gmflow.data.checkerboard`):
 
 * ``kl``: KL(true ‖ model) of a 64 × 64 histogram over [−4.2, 4.2]², p the exact bin masses,
   q = counts / in-range samples, both smoothed (x + 1e-8)/Σ;
@@ -17,25 +17,46 @@ baseline. NFE counts network evaluations: GM solvers and Euler take N = NFE step
 are analytic, no network call); Heun takes N steps with 2N − 1 evaluations (the last step is Euler),
 so a budget of NFE runs N = ⌊(NFE + 1)/2⌋ steps and the grid records the evaluations it used.
 
-Outputs in ``out_dir``: ``config.yaml``, ``metrics.json``, ``report.md``, ``samples.png``
-(histograms, rows solvers × columns NFE), ``loss.png`` and the EMA weights of both models
-(safetensors).
+The experiment is a training recipe with a ``toy:`` section (:func:`load_toy_recipe`,
+recipes/toy_checkerboard_k64.yaml), the same file ``gmflow train`` reads.
+
+Outputs in ``out_dir``: ``config.yaml`` (the recipe), ``metrics.json``, ``report.md``,
+``samples.png`` (histograms, rows solvers × columns NFE), ``loss.png`` and the EMA weights of both
+models (safetensors).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import yaml
 from torch import Tensor
 
-from gmflow.config import dump_recipe, to_dict
+from gmflow.config import apply_overrides, dump_recipe, from_dict, parse_override, to_dict
 from gmflow.errors import ConfigError
+from gmflow.run_config import (
+    BASELINE_SOLVERS,
+    GM_SOLVERS,
+    DataConfig,
+    EMAConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ToyBaselineConfig,
+    ToyEvalConfig,
+    ToySectionConfig,
+    TrainConfig,
+    ValidationConfig,
+)
 from gmflow.toy_train import (
     ProgressFn,
     ToyProgress,
@@ -57,6 +78,7 @@ __all__ = [
     "ToyBaselineConfig",
     "ToyEvalConfig",
     "ToyConfig",
+    "ToySectionConfig",
     "ToyProgress",
     "ToyResult",
     "TrainLog",
@@ -69,14 +91,17 @@ __all__ = [
     "warmup_lr",
     "point_cloud_metrics",
     "sample_cell",
+    "toy_run_config",
+    "toy_config_from_run",
+    "load_toy_recipe",
     "run_toy",
 ]
 
-GM_SOLVERS = ("gm-sde2", "gm-ode2", "gm-sde", "gm-ode")  # evaluated on the GMFlow model
-BASELINE_SOLVERS = ("euler", "heun")  # evaluated on the K = 1 flow-matching baseline
-
-
-# ---- configuration (recipes/toy_checkerboard_k64.yaml holds the same values) ----
+# ---- configuration ----
+# ``gmflow toy`` reads a training recipe (RunConfig, recipes/toy_checkerboard_k64.yaml) with an
+# optional ``toy:`` section; :func:`toy_config_from_run` maps it onto the resolved ToyConfig below
+# that the experiment runs on, and :func:`toy_run_config` maps back. The defaults of ToyConfig are
+# the values of recipes/toy_checkerboard_k64.yaml (tests/test_toy.py checks it).
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,46 +148,13 @@ class ToyTrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ToyBaselineConfig:
-    """How the K = 1 flow-matching baseline differs from the GMFlow model (all else is shared)."""
-
-    trans_ratio: float = 1.0  # 1: the loss is exactly ‖u − μ‖²/2 + const (L2 flow matching)
-    constant_logstd: float | None = 0.0  # fixed log s (no std head); null: learned, as GMFlow
-
-    def __post_init__(self) -> None:
-        if not 0 < self.trans_ratio <= 1:
-            raise ValueError(f"baseline.trans_ratio must lie in (0, 1], got {self.trans_ratio}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ToyEvalConfig:
-    """The evaluation grid and its metrics (issue 3 §4)."""
-
-    num_samples: int = 100_000  # samples per grid cell (and for the noise floor)
-    solvers: tuple[str, ...] = GM_SOLVERS + BASELINE_SOLVERS
-    nfes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # network evaluations per sample
-    gm_ode_fine_steps: int = 32  # GM-ODE sub-steps S = max(ceil(fine_steps / N), 2); paper: 128
-    batch_size: int = 10_000  # points per sampler call (small chunks stay in the CPU caches)
-    sw2_projections: int = 64  # directions of the sliced Wasserstein-2
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # trunk matmuls while sampling
-    seed: int = 1234  # initial noise and solver noise (the same for every cell)
-
-    def __post_init__(self) -> None:
-        unknown = [s for s in self.solvers if s not in GM_SOLVERS + BASELINE_SOLVERS]
-        if unknown:
-            raise ValueError(
-                f"eval.solvers: unknown {unknown}; valid: {list(GM_SOLVERS + BASELINE_SOLVERS)}"
-            )
-        if min(self.num_samples, self.batch_size, self.gm_ode_fine_steps, *self.nfes) < 1:
-            raise ValueError(
-                "eval.num_samples, eval.batch_size, eval.gm_ode_fine_steps and every eval.nfes "
-                "must be >= 1"
-            )
-
-
-@dataclass(frozen=True, kw_only=True)
 class ToyConfig:
-    """``gmflow toy``: the whole experiment (defaults finish in minutes on 2 CPU cores)."""
+    """The resolved ``gmflow toy`` experiment that :func:`run_toy` runs on.
+
+    Users write the experiment as a training recipe (:class:`~gmflow.run_config.RunConfig` with a
+    ``toy:`` section, recipes/toy_checkerboard_k64.yaml); :func:`toy_config_from_run` maps it here.
+    The defaults are that recipe's values and finish in minutes on 2 CPU cores.
+    """
 
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
     train: ToyTrainConfig = field(default_factory=ToyTrainConfig)
@@ -177,6 +169,225 @@ class ToyResult:
     out_dir: Path
     metrics: dict[str, Any]  # the content of metrics.json
     files: dict[str, Path]  # name → path of every file written
+
+
+# ---- the recipe <-> ToyConfig ----
+
+# Old `gmflow toy` recipe keys (before the toy recipe became a training recipe) -> the new keys.
+_OLD_TOY_KEYS = {
+    "train.iters": "train.max_steps",
+    "train.batch_size": "train.batch_size_per_device and train.global_batch_size (equal)",
+    "train.lr": "optim.lr",
+    "train.weight_decay": "optim.weight_decay",
+    "train.betas": "optim.betas",
+    "train.warmup_steps": "optim.warmup_steps",
+    "train.warmup_start_ratio": "optim.warmup_start_ratio",
+    "train.trans_ratio": "loss.trans_ratio",
+    "train.loss_scale": "loss.loss_scale",
+    "train.ema": "ema.kind",
+    "train.ema_gamma": "ema.gamma",
+}
+
+
+def _new_key(old: str) -> str | None:
+    """The new key of an old `gmflow toy` recipe key, None if ``old`` is not one."""
+    head = old.split(".", 1)[0]
+    if head in ("baseline", "eval"):
+        return f"toy.{old}"
+    return _OLD_TOY_KEYS.get(old)
+
+
+def toy_run_config(cfg: ToyConfig | None = None) -> RunConfig:
+    """The training recipe (with its ``toy:`` section) of an experiment.
+
+    Args:
+        cfg: the experiment; None: the defaults, i.e. exactly recipes/toy_checkerboard_k64.yaml
+            (what ``gmflow toy`` runs without ``--recipe``).
+
+    Returns:
+        A RunConfig that :func:`toy_config_from_run` maps back to ``cfg``. The settings that only
+        ``gmflow train`` reads (validation grid, checkpoints, logs) are those of the recipe file.
+    """
+    cfg = ToyConfig() if cfg is None else cfg
+    m, t = cfg.model, cfg.train
+    return RunConfig(
+        model=ModelConfig(
+            arch="mlp2d",
+            num_gaussians=m.num_gaussians,
+            in_channels=2,
+            sample_size=1,
+            hidden_dim=m.hidden_dim,
+            num_layers=m.num_layers,
+            use_spectrum_net=False,
+        ),
+        data=DataConfig(kind="checkerboard", label_dropout=0.0),
+        loss=LossConfig(
+            timesteps="uniform", shift=1.0, trans_ratio=t.trans_ratio, loss_scale=t.loss_scale
+        ),
+        optim=OptimConfig(
+            kind="adamw",
+            lr=t.lr,
+            betas=t.betas,
+            weight_decay=t.weight_decay,
+            warmup_steps=t.warmup_steps,
+            warmup_start_ratio=t.warmup_start_ratio,
+            grad_clip=None,
+            grad_clip_from_step=0,
+        ),
+        ema=EMAConfig(kind=t.ema, gamma=t.ema_gamma),
+        validation=ValidationConfig(every=500),
+        train=TrainConfig(
+            max_steps=t.iters,
+            global_batch_size=t.batch_size,
+            batch_size_per_device=t.batch_size,
+            grad_accum_steps=1,
+            seed=t.seed,
+            device=t.device,
+            precision=t.precision,
+            checkpoint_every=500,
+            checkpoint_milestones=(),
+            keep_last=2,
+            log_every=50,
+        ),
+        toy=ToySectionConfig(baseline=cfg.baseline, eval=cfg.eval),
+    )
+
+
+def toy_config_from_run(run: RunConfig) -> ToyConfig:
+    """Map a training recipe (and its optional ``toy:`` section) onto the experiment.
+
+    ``model.num_gaussians / hidden_dim / num_layers``, ``optim.lr / betas / weight_decay /
+    warmup_steps / warmup_start_ratio``, ``loss.trans_ratio / loss_scale``, ``ema.kind / gamma`` and
+    ``train.max_steps / batch_size_per_device / seed / device / precision`` set the GMFlow training
+    (the baseline shares them except for ``toy.baseline``); ``toy.eval`` is the grid. Settings only
+    the general trainer uses (validation, checkpoints, logs, clipping from a step, the GM-DiT model
+    fields) are ignored. ``train.device='auto'`` is cuda when available, else cpu.
+
+    Raises:
+        ConfigError: a setting the toy cannot honour (not mlp2d on the checkerboard, other
+            timesteps, optimiser, clipping, EMA, or a global batch other than the per-device one).
+    """
+    m, lo, o, e, t = run.model, run.loss, run.optim, run.ema, run.train
+    problems = []
+    if m.arch != "mlp2d":
+        problems.append(
+            f"model.arch must be 'mlp2d' (the 2-D MLP), got {m.arch!r}; GM-DiT recipes run with "
+            "`gmflow train`"
+        )
+    if run.data.kind != "checkerboard":
+        problems.append(f"data.kind must be 'checkerboard', got {run.data.kind!r}")
+    if m.constant_logstd is not None:
+        problems.append(
+            "model.constant_logstd must be null (GMFlow learns its std; the baseline's fixed std "
+            "is toy.baseline.constant_logstd)"
+        )
+    if lo.timesteps != "uniform" or lo.shift != 1.0:
+        problems.append(
+            f"the toy draws sigma ~ U(0, 1]: loss.timesteps must be 'uniform' (got "
+            f"{lo.timesteps!r}) and loss.shift 1 (got {lo.shift})"
+        )
+    if o.kind != "adamw":
+        problems.append(f"optim.kind must be 'adamw', got {o.kind!r}")
+    if o.grad_clip is not None:
+        problems.append(f"optim.grad_clip must be null (the toy does not clip), got {o.grad_clip}")
+    if e.kind not in ("karras", "none"):
+        problems.append(f"ema.kind must be 'karras' or 'none', got {e.kind!r}")
+    if t.global_batch_size != t.batch_size_per_device:
+        problems.append(
+            f"train.global_batch_size ({t.global_batch_size}) must equal "
+            f"train.batch_size_per_device ({t.batch_size_per_device}): the toy trains on one "
+            "device without accumulation (--batch-size sets both)"
+        )
+    if problems:
+        raise ConfigError("gmflow toy cannot run this recipe: " + "; ".join(problems))
+    device = t.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    toy = run.toy if run.toy is not None else ToySectionConfig()
+    try:
+        return ToyConfig(
+            model=ToyModelConfig(
+                num_gaussians=m.num_gaussians, hidden_dim=m.hidden_dim, num_layers=m.num_layers
+            ),
+            train=ToyTrainConfig(
+                iters=t.max_steps,
+                batch_size=t.batch_size_per_device,
+                lr=o.lr,
+                weight_decay=o.weight_decay,
+                betas=o.betas,
+                warmup_steps=o.warmup_steps,
+                warmup_start_ratio=o.warmup_start_ratio,
+                trans_ratio=lo.trans_ratio,
+                loss_scale=lo.loss_scale,
+                ema="karras" if e.kind == "karras" else "none",
+                ema_gamma=e.gamma,
+                precision=t.precision,
+                seed=t.seed,
+                device=device,
+            ),
+            baseline=toy.baseline,
+            eval=toy.eval,
+        )
+    except ValueError as err:
+        raise ConfigError(f"gmflow toy cannot run this recipe: {err}") from None
+
+
+def _reject_old_keys(keys: list[str], where: str) -> None:
+    old = [(k, _new_key(k)) for k in keys if _new_key(k) is not None]
+    if old:
+        renames = ", ".join(f"{k} -> {new}" for k, new in old)
+        raise ConfigError(
+            f"{where}: old `gmflow toy` recipe keys. gmflow toy now reads a training recipe "
+            "(the schema of `gmflow train`) with an optional toy: section holding the baseline "
+            f"and the evaluation grid. Rename {renames}. To convert a recipe file, start from "
+            "recipes/toy_checkerboard_k64.yaml (it also sets model.arch: mlp2d, data.kind: "
+            "checkerboard, loss.timesteps: uniform, optim.grad_clip: null) and move your values "
+            "there."
+        )
+
+
+def _dotted_keys(data: Any, prefix: str = "") -> list[str]:
+    if not isinstance(data, dict):
+        return [prefix] if prefix else []
+    keys = []
+    for name, value in data.items():
+        dotted = f"{prefix}.{name}" if prefix else str(name)
+        keys += _dotted_keys(value, dotted) if name in ("train", "baseline", "eval") else [dotted]
+    return keys
+
+
+def load_toy_recipe(
+    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
+) -> RunConfig:
+    """Load a ``gmflow toy`` recipe: a training recipe with an optional ``toy:`` section.
+
+    Args:
+        path: the YAML recipe; None: the built-in defaults (= recipes/toy_checkerboard_k64.yaml).
+        overrides: ``--set`` items in the recipe's keys, e.g. ``optim.lr=5e-4``,
+            ``toy.eval.nfes=[1,2]``.
+
+    Returns:
+        The RunConfig; :func:`toy_config_from_run` gives the experiment.
+
+    Raises:
+        ConfigError: a missing or invalid file, an unknown key, or a key of the old toy schema
+            (``baseline:``, ``eval:``, ``train.iters``, ...), whose message names the new keys.
+    """
+    for text in overrides:
+        key, _ = parse_override(text)
+        _reject_old_keys([".".join(key)], f"--set {text}")
+    if path is None:
+        return apply_overrides(toy_run_config(), overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe '{path}' does not exist; pass the path of a YAML recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    _reject_old_keys(_dotted_keys(data), str(path))
+    cfg = from_dict(data, RunConfig, source=str(path))
+    return apply_overrides(cfg, overrides, source=f"{path} with --set")
 
 
 # ---- evaluation ----
@@ -247,11 +458,16 @@ def _check_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_toy(cfg: ToyConfig, out_dir: str | Path, progress: ProgressFn | None = None) -> ToyResult:
+def run_toy(
+    cfg: ToyConfig | RunConfig, out_dir: str | Path, progress: ProgressFn | None = None
+) -> ToyResult:
     """Train GMFlow and the K = 1 baseline, evaluate the solver × NFE grid, write every output.
 
+    ``config.yaml`` holds the experiment as a training recipe with its ``toy:`` section, so
+    ``gmflow toy --recipe OUT/config.yaml`` reruns it.
+
     Args:
-        cfg: the experiment.
+        cfg: the experiment, or a recipe that :func:`toy_config_from_run` maps to it.
         out_dir: output folder (created).
         progress: called with a :class:`ToyProgress` during training and evaluation.
 
@@ -259,7 +475,7 @@ def run_toy(cfg: ToyConfig, out_dir: str | Path, progress: ProgressFn | None = N
         The metrics and the paths written.
 
     Raises:
-        ConfigError: CUDA requested but not available.
+        ConfigError: CUDA requested but not available, or a recipe the toy cannot run.
         DivergenceError: a training loss became non-finite.
     """
     from safetensors.torch import save_file
@@ -268,11 +484,15 @@ def run_toy(cfg: ToyConfig, out_dir: str | Path, progress: ProgressFn | None = N
     from gmflow.models.mlp2d import SigmaDenoiser
     from gmflow.toy_report import histogram_counts, write_loss_plot, write_report, write_sample_grid
 
+    if isinstance(cfg, RunConfig):
+        recipe, cfg = cfg, toy_config_from_run(cfg)
+    else:
+        recipe = toy_run_config(cfg)
     device = _check_device(cfg.train.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"config": out / "config.yaml"}
-    dump_recipe(cfg, files["config"])
+    dump_recipe(recipe, files["config"])
 
     # ---- train both models on the same budget ----
     models, logs = {}, {}

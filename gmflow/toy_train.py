@@ -208,7 +208,7 @@ def train_toy_model(
             generator=generator,
         )
         if not math.isfinite(loss):
-            raise DivergenceError(f"{task}: the loss is {loss}; lower train.lr", step=step)
+            raise DivergenceError(f"{task}: the loss is {loss}; lower optim.lr", step=step)
         losses.append(loss)
         if ema is not None:
             ema.update(net, step)

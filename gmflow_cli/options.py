@@ -12,7 +12,7 @@ OverrideOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--set",
-        help="Override a recipe value, e.g. --set train.lr=1e-4 (repeatable; values are YAML).",
+        help="Override a recipe value, e.g. --set optim.lr=1e-4 (repeatable; values are YAML).",
         show_default=False,
     ),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gmflow.config import load_recipe
 from gmflow.run_config import RunConfig
@@ -14,7 +15,7 @@ TRAIN_RECIPES = [
     "imagenet256_gmdit_b2_k8.yaml",
     "imagenet256_gmdit_xl2_k8.yaml",
     "digits_gmdit_tiny.yaml",
-    "toy_checkerboard_k64_train.yaml",
+    "toy_checkerboard_k64.yaml",
 ]
 
 
@@ -51,8 +52,9 @@ def test_digits_recipe_keeps_digits_unflipped():
     )
 
 
-def test_toy_training_recipe_holds_the_spec_4_7_settings():
-    cfg = load_recipe(RECIPES / "toy_checkerboard_k64_train.yaml", RunConfig)
+def test_toy_recipe_holds_the_spec_4_7_settings_at_the_toy_budget():
+    # one file for `gmflow train` and `gmflow toy` (tests/test_toy.py checks the toy side)
+    cfg = load_recipe(RECIPES / "toy_checkerboard_k64.yaml", RunConfig)
     assert (cfg.model.arch, cfg.model.num_gaussians, cfg.data.kind) == ("mlp2d", 64, "checkerboard")
     assert (cfg.loss.trans_ratio, cfg.loss.timesteps, cfg.ema.kind, cfg.ema.gamma) == (
         0.9,
@@ -60,4 +62,73 @@ def test_toy_training_recipe_holds_the_spec_4_7_settings():
         "karras",
         7.0,
     )
-    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.train.global_batch_size) == (2e-4, 0.0, 4096)
+    assert (cfg.optim.weight_decay, cfg.train.global_batch_size, cfg.world_size()) == (0.0, 4096, 1)
+    # the `gmflow toy` budget; the comments give the paper's settings as --set items
+    assert (cfg.model.hidden_dim, cfg.optim.lr, cfg.optim.betas) == (128, 1e-3, (0.9, 0.99))
+    assert (cfg.optim.warmup_steps, cfg.train.max_steps, cfg.train.precision) == (200, 1500, "auto")
+    assert cfg.toy is not None and cfg.toy.eval.nfes == (1, 2, 4, 8, 16, 32)
+
+
+def test_toy_recipe_comment_gives_the_paper_settings():
+    from gmflow.config import apply_overrides
+
+    text = (RECIPES / "toy_checkerboard_k64.yaml").read_text()
+    items = [
+        "model.hidden_dim=512",
+        "optim.lr=2e-4",
+        "optim.betas=[0.9, 0.999]",
+        "optim.warmup_steps=1000",
+        "train.max_steps=200000",
+    ]
+    assert all(item in text for item in items)
+    cfg = apply_overrides(load_recipe(RECIPES / "toy_checkerboard_k64.yaml", RunConfig), items)
+    assert (cfg.model.hidden_dim, cfg.optim.lr, cfg.optim.betas) == (512, 2e-4, (0.9, 0.999))
+    assert (cfg.optim.warmup_steps, cfg.train.max_steps) == (1000, 200_000)
+
+
+def test_gmflow_train_dry_run_of_the_toy_recipe():
+    from typer.testing import CliRunner
+
+    from gmflow.config import from_dict
+    from gmflow_cli.main import app
+
+    recipe = RECIPES / "toy_checkerboard_k64.yaml"
+    result = CliRunner().invoke(
+        app, ["train", str(recipe), "--dry-run", "--set", "train.max_steps=20"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "runs/toy_checkerboard_k64" in result.output
+    cfg = from_dict(yaml.safe_load(result.output), RunConfig)
+    assert cfg == load_recipe(recipe, RunConfig, ["train.max_steps=20"])
+
+
+def test_precision_auto_is_fp32_for_the_trainer_on_cpu():
+    import contextlib
+
+    import torch
+
+    from gmflow.training.loop import _autocast
+
+    cfg = load_recipe(RECIPES / "toy_checkerboard_k64.yaml", RunConfig)
+    assert cfg.train.precision == "auto"
+    assert isinstance(_autocast(cfg, torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_gmflow_train_runs_the_toy_recipe(tmp_path):
+    # the trainer reads the toy recipe (and ignores its toy: section)
+    from gmflow.training import train
+
+    cfg = load_recipe(
+        RECIPES / "toy_checkerboard_k64.yaml",
+        RunConfig,
+        [
+            "model.hidden_dim=16",
+            "train.max_steps=2",
+            "train.batch_size_per_device=64",
+            "train.global_batch_size=64",
+            "train.use_tensorboard=false",
+        ],
+    )
+    result = train(cfg, tmp_path / "run")
+    assert result.final_step == 2 and result.last_checkpoint is not None
+    assert load_recipe(tmp_path / "run" / "config.yaml", RunConfig) == cfg

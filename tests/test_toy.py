@@ -1,4 +1,4 @@
-"""The toy experiment: metrics vs closed forms, a tiny run_toy, `gmflow toy`, recipe defaults."""
+"""The toy experiment: metrics vs closed forms, a tiny run_toy, `gmflow toy`, its recipe."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from gmflow.config import apply_overrides, load_recipe
+from gmflow.config import apply_overrides, from_dict, load_recipe
 from gmflow.data.checkerboard import (
     histogram_bin_masses,
     histogram_kl,
@@ -19,23 +20,34 @@ from gmflow.data.checkerboard import (
     sliced_wasserstein2,
 )
 from gmflow.errors import ConfigError
-from gmflow.toy import ToyConfig, ToyTrainConfig, point_cloud_metrics, run_toy, warmup_lr
+from gmflow.run_config import RunConfig
+from gmflow.toy import (
+    ToyConfig,
+    ToyTrainConfig,
+    load_toy_recipe,
+    point_cloud_metrics,
+    run_toy,
+    toy_config_from_run,
+    toy_run_config,
+    warmup_lr,
+)
 from gmflow.toy import _solver_call as solver_call
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy_checkerboard_k64.yaml"
 N = 100_000
 
-TINY = [
+TINY = [  # --set items of the recipe (RunConfig + toy section)
     "model.num_gaussians=4",
     "model.hidden_dim=16",
     "model.num_layers=1",
-    "train.iters=3",
-    "train.batch_size=128",
-    "train.warmup_steps=2",
-    "eval.num_samples=2000",
-    "eval.nfes=[1, 2]",
-    "eval.gm_ode_fine_steps=4",
-    "eval.sw2_projections=8",
+    "train.max_steps=3",
+    "train.batch_size_per_device=128",
+    "train.global_batch_size=128",
+    "optim.warmup_steps=2",
+    "toy.eval.num_samples=2000",
+    "toy.eval.nfes=[1, 2]",
+    "toy.eval.gm_ode_fine_steps=4",
+    "toy.eval.sw2_projections=8",
 ]
 
 
@@ -128,14 +140,111 @@ def test_solver_names_and_nfe_budgets(name, nfe, expected):
 
 
 def test_recipe_matches_the_built_in_defaults():
+    # `gmflow toy` without --recipe runs exactly the file, and the file maps onto ToyConfig()
     if not RECIPE.is_file():
         pytest.skip(f"{RECIPE} not found (running outside the repository)")
-    assert load_recipe(RECIPE, ToyConfig) == ToyConfig()
+    run = load_recipe(RECIPE, RunConfig)
+    assert run == toy_run_config() == load_toy_recipe(None) == load_toy_recipe(RECIPE)
+    assert toy_config_from_run(run) == ToyConfig()
+    assert run.toy is not None and run.train.precision == "auto" and run.train.device == "cpu"
 
 
-def test_unknown_key_names_the_valid_ones():
-    with pytest.raises(ConfigError, match="train.lrr"):
-        apply_overrides(ToyConfig(), ["train.lrr=1"])
+def test_recipe_and_toy_config_map_both_ways():
+    cfg = apply_overrides(
+        ToyConfig(),
+        [
+            "model.num_gaussians=3",
+            "train.iters=11",
+            "train.batch_size=96",
+            "train.lr=5e-4",
+            "train.betas=[0.8, 0.9]",
+            "train.ema=none",
+            "train.precision=bf16",
+            "baseline.constant_logstd=null",
+            "eval.nfes=[2]",
+        ],
+    )
+    run = toy_run_config(cfg)
+    assert (run.train.max_steps, run.train.global_batch_size, run.optim.lr) == (11, 96, 5e-4)
+    assert run.toy is not None and run.toy.eval.nfes == (2,)
+    assert toy_config_from_run(run) == cfg
+
+
+def test_unified_set_keys_reach_the_experiment():
+    run = load_toy_recipe(RECIPE, ["optim.lr=5e-4", "toy.eval.nfes=[1,2]", "ema.gamma=3"])
+    cfg = toy_config_from_run(run)
+    assert cfg.train.lr == 5e-4 and cfg.eval.nfes == (1, 2) and cfg.train.ema_gamma == 3.0
+
+
+def test_a_recipe_without_toy_section_uses_the_toy_defaults():
+    run = apply_overrides(toy_run_config(), ["toy=null"])
+    assert run.toy is None
+    assert toy_config_from_run(run) == ToyConfig()
+    run = apply_overrides(run, ["toy.eval.nfes=[3]"])  # --set fills in the section
+    assert toy_config_from_run(run).eval.nfes == (3,)
+    assert toy_config_from_run(run).baseline == ToyConfig().baseline
+
+
+def test_unknown_key_in_the_toy_section_is_a_strict_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'toy\.eval\.nfe'.*valid keys of toy\.eval"):
+        load_toy_recipe(None, ["toy.eval.nfe=[1]"])
+    text = RECIPE.read_text().replace("    sw2_projections:", "    sw2_projection:")
+    (tmp_path / "r.yaml").write_text(text)
+    for load in (lambda p: load_recipe(p, RunConfig), load_toy_recipe):
+        with pytest.raises(ConfigError, match=r"r\.yaml: unknown key 'toy\.eval\.sw2_projection'"):
+            load(tmp_path / "r.yaml")
+
+
+def test_old_schema_recipe_names_the_new_keys(tmp_path):
+    old = {
+        "model": {"num_gaussians": 8},
+        "train": {"iters": 10, "batch_size": 256, "lr": 0.01, "ema_gamma": 5.0, "seed": 1},
+        "baseline": {"trans_ratio": 1.0},
+        "eval": {"nfes": [1]},
+    }
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError) as err:
+        load_toy_recipe(tmp_path / "old.yaml")
+    msg = str(err.value)
+    for rename in (
+        "train.iters -> train.max_steps",
+        "train.batch_size -> train.batch_size_per_device and train.global_batch_size",
+        "train.lr -> optim.lr",
+        "train.ema_gamma -> ema.gamma",
+        "baseline.trans_ratio -> toy.baseline.trans_ratio",
+        "eval.nfes -> toy.eval.nfes",
+        "recipes/toy_checkerboard_k64.yaml",
+    ):
+        assert rename in msg
+    assert "train.seed" not in msg  # a key of both schemas
+    with pytest.raises(
+        ConfigError, match=r"--set train\.iters=3: .*train\.iters -> train\.max_steps"
+    ):
+        load_toy_recipe(None, ["train.iters=3"])
+    with pytest.raises(ConfigError, match=r"eval\.nfes -> toy\.eval\.nfes"):
+        load_toy_recipe(RECIPE, ["eval.nfes=[1]"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["train.batch_size_per_device=128"], "global_batch_size .4096. must equal"),
+        (["ema.kind=rampup"], "ema.kind must be 'karras' or 'none'"),
+        (["optim.grad_clip=1.0"], "optim.grad_clip must be null"),
+        (["loss.timesteps=logit_normal"], "loss.timesteps must be 'uniform'"),
+        (["model.constant_logstd=0.0"], "toy.baseline.constant_logstd"),
+    ],
+)
+def test_settings_the_toy_cannot_honour_are_clear_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        toy_config_from_run(load_toy_recipe(None, overrides))
+
+
+def test_a_gmdit_recipe_is_a_clear_error():
+    from gmflow.run_config import DataConfig
+
+    with pytest.raises(ConfigError, match=r"model\.arch must be 'mlp2d'.*data\.kind"):
+        toy_config_from_run(RunConfig(data=DataConfig(kind="shards", path="x")))
 
 
 # ---- run_toy and the command, on a tiny budget ----
@@ -148,9 +257,10 @@ def test_run_toy_writes_every_output(tmp_path):
 
     from gmflow.models.mlp2d import GMMLP2D
 
-    cfg = apply_overrides(ToyConfig(), TINY)
+    run = load_toy_recipe(None, TINY)
+    cfg = toy_config_from_run(run)
     events = []
-    result = run_toy(cfg, tmp_path, progress=events.append)
+    result = run_toy(run, tmp_path, progress=events.append)
     names = {p.name for p in tmp_path.iterdir()}
     assert {"config.yaml", "metrics.json", "report.md", "samples.png", "loss.png"} <= names
     assert set(result.files.values()) <= set(tmp_path.iterdir())
@@ -173,7 +283,9 @@ def test_run_toy_writes_every_output(tmp_path):
     assert all(f"| {s} |" in report for s in cfg.eval.solvers)
     for png in ("samples.png", "loss.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert load_recipe(tmp_path / "config.yaml", ToyConfig) == cfg
+    # config.yaml is the recipe: `gmflow toy --recipe` and `gmflow train` both load it
+    assert load_toy_recipe(tmp_path / "config.yaml") == run
+    assert load_recipe(tmp_path / "config.yaml", RunConfig) == run
     # the saved EMA weights load into a fresh network
     net = GMMLP2D(num_gaussians=4, hidden_dim=16, num_layers=1)
     net.load_state_dict(load_file(str(result.files["gmflow_weights"])))
@@ -184,10 +296,13 @@ def test_run_toy_writes_every_output(tmp_path):
 
 
 def test_run_toy_trains_only_the_models_the_grid_uses(tmp_path):
-    cfg = apply_overrides(ToyConfig(), [*TINY, "eval.solvers=[euler]", "eval.nfes=[1]"])
+    # run_toy also takes the resolved ToyConfig; config.yaml is then its recipe
+    run = load_toy_recipe(None, [*TINY, "toy.eval.solvers=[euler]", "toy.eval.nfes=[1]"])
+    cfg = toy_config_from_run(run)
     result = run_toy(cfg, tmp_path)
     assert set(result.metrics["train"]) == {"baseline"}
     assert [c["solver"] for c in result.metrics["grid"]] == ["euler"]
+    assert load_toy_recipe(tmp_path / "config.yaml") == run
 
 
 @pytest.mark.slow
@@ -197,13 +312,17 @@ def test_gmflow_toy_command(tmp_path):
     from gmflow_cli.main import app
 
     args = ["toy", "--k", "4", "--iters", "2", "--batch-size", "64", "--out-dir", str(tmp_path)]
-    for item in TINY[1:3] + TINY[6:] + ["eval.solvers=[gm-sde2, euler]"]:
+    args += ["--recipe", str(RECIPE)]
+    for item in TINY[1:3] + TINY[6:] + ["toy.eval.solvers=[gm-sde2, euler]", "optim.lr=5e-4"]:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "KL" in result.output and "noise floor" in result.output
-    cfg = load_recipe(tmp_path / "config.yaml", ToyConfig)
-    assert cfg.model.num_gaussians == 4 and cfg.train.iters == 2 and cfg.train.batch_size == 64
+    run = load_toy_recipe(tmp_path / "config.yaml")
+    assert run.model.num_gaussians == 4 and run.train.max_steps == 2 and run.optim.lr == 5e-4
+    assert run.train.batch_size_per_device == run.train.global_batch_size == 64
+    cfg = toy_config_from_run(run)
+    assert cfg.train.iters == 2 and cfg.train.batch_size == 64 and cfg.eval.nfes == (1, 2)
     assert (tmp_path / "metrics.json").is_file()
 
 
@@ -212,9 +331,25 @@ def test_gmflow_toy_dry_run_applies_flags_after_set():
 
     from gmflow_cli.main import app
 
-    result = CliRunner().invoke(app, ["toy", "--dry-run", "--set", "train.iters=7", "--iters", "9"])
+    result = CliRunner().invoke(
+        app,
+        ["toy", "--dry-run", "--set", "train.max_steps=7", "--iters", "9", "--batch-size", "32"],
+    )
     assert result.exit_code == 0, result.output
-    assert "iters: 9" in result.output
+    run = from_dict(yaml.safe_load(result.output), RunConfig)
+    assert run.train.max_steps == 9
+    assert run.train.batch_size_per_device == run.train.global_batch_size == 32
+    assert run.toy == toy_run_config().toy
+
+
+def test_gmflow_toy_rejects_old_set_keys():
+    from typer.testing import CliRunner
+
+    from gmflow_cli.main import app
+
+    result = CliRunner().invoke(app, ["toy", "--dry-run", "--set", "train.lr=1e-3"])
+    assert isinstance(result.exception, ConfigError)
+    assert "train.lr -> optim.lr" in str(result.exception)
 
 
 def test_cuda_without_cuda_is_a_clear_error(tmp_path):

@@ -85,7 +85,11 @@ def ema_schedule(cfg: RunConfig) -> EMASchedule:
 
 
 def _autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if cfg.train.precision == "bf16" and device.type == "cuda":
+    """bf16 autocast on GPU for precision 'bf16', and for 'auto' where the GPU supports bf16."""
+    precision = cfg.train.precision
+    if device.type == "cuda" and (
+        precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+    ):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

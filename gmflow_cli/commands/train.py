@@ -25,7 +25,7 @@ def train(
 
     Examples:
 
-        gmflow train recipes/toy_checkerboard_k64_train.yaml --set train.max_steps=2000
+        gmflow train recipes/toy_checkerboard_k64.yaml --set train.max_steps=2000
 
         torchrun --nproc_per_node=8 -m gmflow_cli train recipes/imagenet256_gmdit_xl2_k8.yaml \\
             --set data.path=/data/in256 --out-dir runs/xl2
