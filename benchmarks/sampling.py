@@ -144,7 +144,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch (and numba) CPU threads")
     p.add_argument("--solvers", default=",".join(SOLVERS))
     p.add_argument("--profile", default=None, help="cProfile the machinery of one solver")
+    p.add_argument(
+        "--cuda-kernels",
+        default=None,
+        help="comma-separated ops the automatic GM backend runs as numba-cuda kernels "
+        "(default: gmflow's choice); 'none' = torch for every op",
+    )
     args = p.parse_args()
+    if args.cuda_kernels is not None:
+        from gmflow.gm import backend as gm_backend
+
+        chosen = [] if args.cuda_kernels == "none" else args.cuda_kernels.split(",")
+        gm_backend._CUDA_AUTO_OPS = frozenset(chosen)
     torch.set_num_threads(args.threads)
     try:
         import numba
@@ -157,6 +168,8 @@ def main() -> None:
     t_net, gm = network_time(model, args.batch, args.network_evals, args.device)
     del model
     backend = os.environ.get("GMFLOW_GM_BACKEND", "auto")
+    if args.cuda_kernels is not None:
+        backend += f" (numba-cuda for: {args.cuda_kernels})"
     print(
         f"GM-DiT {args.preset} K={args.num_gaussians}, batch {args.batch} guided (network batch "
         f"{2 * args.batch}), {args.dtype} weights, {args.device}, {args.threads} threads, GM "
@@ -176,7 +189,8 @@ def main() -> None:
     )
     print(" target |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name in args.solvers.split(","):
+    short = {key.split(" ")[0]: key for key in SOLVERS}  # "gm-ode2" -> "gm-ode2 (S=4)"
+    for name in (short.get(n, n) for n in args.solvers.split(",")):
         evals = SOLVERS[name][1] or (2 * args.steps - 1) / args.steps
         t_gm = machinery_time(name, gm, spectrum, args.batch, args.steps, args.repeats, args.device)
         ratio = t_gm / (evals * t_net)

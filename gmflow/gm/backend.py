@@ -7,8 +7,9 @@ Three backends implement ``gm1d_inverse_cdf``, ``gm_condition_mean`` and ``gm_lo
 * ``numba-cpu`` — :mod:`gmflow.gm.kernels` (``@njit(parallel=True)``), for CPU tensors without
   autograd, chosen automatically only for the ops where it measurably beats torch.
 
-Automatic choice: autograd needed -> torch; CUDA tensors -> numba-cuda (when numba.cuda finds a
-GPU); CPU tensors -> numba-cpu for the ops in ``_CPU_AUTO_OPS``, else torch.
+Automatic choice: autograd needed -> torch; CUDA tensors -> numba-cuda for the ops in
+``_CUDA_AUTO_OPS`` (when numba.cuda finds a GPU and the kernel compiles), else torch; CPU tensors ->
+numba-cpu for the ops in ``_CPU_AUTO_OPS``, else torch.
 
 ``GMFLOW_GM_BACKEND`` forces a choice: ``torch`` (always the reference), ``numba`` (numba-cuda on
 CUDA tensors, numba-cpu on CPU tensors, for every op), or ``auto``/unset. A forced backend that
@@ -48,6 +49,16 @@ OPS = ("gm1d_inverse_cdf", "gm_condition_mean", "gm_logprob")
 # on the loaded machine, torch slows down far more than numba (x1.3-x13 in the kernels' favour).
 # Full tables: benchmarks/results/gm_ops.md.
 _CPU_AUTO_OPS = frozenset(OPS)
+# The ops whose numba-cuda kernel the automatic choice uses on CUDA tensors. One H100, numba-cuda
+# 0.30.4, torch 2.11 (benchmarks/results/gm_ops.md, CUDA table, 2026-11-26), speed-up torch/kernel:
+#   gm1d_inverse_cdf (16 st.)  x8.5 (B=16) | x8.6-10.8 (B=125) | x8.3 toy   -> numba-cuda
+#   gaussian_to_gm_samples     x6.1 | x6.1 | x4.8 (through the inverse CDF)
+#   gm_condition_mean          x0.7 | x0.7 | x0.6                           -> torch
+#   gm_logprob                 x0.5 | x0.5 | x0.5                           -> torch
+# A numba-cuda launch costs ~0.4-0.6 ms of host time (argument typing and array wrapping), more
+# than torch's few fused launches of the one-pass ops; the Newton loop replaces ~200 torch launches.
+# GMFLOW_GM_BACKEND=numba still forces every kernel (benchmarks/sampling.py --cuda-kernels too).
+_CUDA_AUTO_OPS = frozenset({"gm1d_inverse_cdf"})
 
 
 def requested_backend() -> str:
@@ -154,7 +165,7 @@ def selected_backend(op: str, *tensors: Tensor) -> str:
         if needs_grad or len(devices) != 1 or not kernel_dtypes:
             return "torch"
         device = devices.pop()
-        if device.type == "cuda" and _cuda_op_works(op):
+        if device.type == "cuda" and op in _CUDA_AUTO_OPS and _cuda_op_works(op):
             return "numba-cuda"
         if device.type == "cpu" and op in _CPU_AUTO_OPS:
             return "numba-cpu"
