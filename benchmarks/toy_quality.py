@@ -6,10 +6,13 @@
 2. Quality: ``gmflow.toy.run_toy`` at the anchor budget, the whole solver × NFE grid with the
    metrics of issue 3 §4, next to the anchor's numbers (official trainer, 2-core machine).
 
+--set takes the keys of ``gmflow toy --set`` (the training recipe plus its toy: section, e.g.
+optim.lr, train.max_steps, loss.trans_ratio, ema.kind, toy.eval.nfes); it applies after the options.
+
 Usage:
     python benchmarks/toy_quality.py                       # anchor budget, CPU (~20 min on 2 cores)
     python benchmarks/toy_quality.py --iters 300 --timing-iters 20 --out-dir /tmp/tq   # smoke test
-    python benchmarks/toy_quality.py --set train.lr=5e-4 --device cuda
+    python benchmarks/toy_quality.py --set optim.lr=5e-4 --set toy.eval.nfes=[4,8] --device cuda
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 
 import torch
 
-from gmflow.config import apply_overrides
+from gmflow.config import to_dict
 from gmflow.data.checkerboard import sample_checkerboard
 from gmflow.gm import gm_logprob
 from gmflow.toy import (
@@ -30,7 +33,9 @@ from gmflow.toy import (
     ToyModelConfig,
     ToyProgress,
     build_toy_model,
+    load_toy_recipe,
     run_toy,
+    toy_config_from_run,
     train_step,
     trunk_dtype,
     warmup_lr,
@@ -142,41 +147,61 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--iters", type=int, default=4000)
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--hidden-dim", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--iters", type=int, default=4000, help="train.max_steps")
+    parser.add_argument("--k", type=int, default=64, help="model.num_gaussians")
+    parser.add_argument("--hidden-dim", type=int, default=512, help="model.hidden_dim")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=4096,
+        help="train.batch_size_per_device and train.global_batch_size",
+    )
+    parser.add_argument("--device", default="cpu", help="train.device: cpu, cuda or auto")
     parser.add_argument(
         "--timing-iters", type=int, default=60, help="iterations timed per recipe (0: skip)"
     )
     parser.add_argument("--out-dir", default="runs/toy_quality")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], help="ToyConfig override"
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override in the keys of `gmflow toy --set`, e.g. optim.lr=5e-4 or "
+        "toy.eval.nfes=[1,2] (repeatable; applied after the options)",
     )
     args = parser.parse_args()
 
-    cfg = apply_overrides(
-        ToyConfig(),
+    recipe = load_toy_recipe(
+        None,
         [
             f"model.num_gaussians={args.k}",
             f"model.hidden_dim={args.hidden_dim}",
-            f"train.iters={args.iters}",
-            f"train.batch_size={args.batch_size}",
+            f"train.max_steps={args.iters}",
+            f"train.batch_size_per_device={args.batch_size}",
+            f"train.global_batch_size={args.batch_size}",
             f"train.device={args.device}",
-            "train.lr=1e-3",  # our recipe at the anchor budget (benchmarks/toy_sweep.py)
-            "train.warmup_steps=200",
-            "eval.gm_ode_fine_steps=128",  # the paper's N·S = 128 fine GM-ODE steps
+            "optim.lr=1e-3",  # our recipe at the anchor budget (benchmarks/toy_sweep.py)
+            "optim.warmup_steps=200",
+            "toy.eval.gm_ode_fine_steps=128",  # the paper's N·S = 128 fine GM-ODE steps
             *args.overrides,
         ],
     )
+    cfg = toy_config_from_run(recipe)
     print(
         f"# toy quality: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"device {args.device}"
+        f"device {cfg.train.device}"
     )
-    print(
-        f"# config: {json.dumps({'model': vars(cfg.model), 'train': vars(cfg.train)}, default=str)}"
-    )
+    view = to_dict(recipe)  # the settings the toy reads, in the recipe's keys
+    shown = {
+        "model": ("num_gaussians", "hidden_dim", "num_layers"),
+        "loss": ("trans_ratio", "loss_scale"),
+        "optim": ("lr", "betas", "weight_decay", "warmup_steps", "warmup_start_ratio"),
+        "ema": ("kind", "gamma"),
+        "train": ("max_steps", "batch_size_per_device", "precision", "seed"),
+    }
+    config = {section: {k: view[section][k] for k in keys} for section, keys in shown.items()}
+    print(f"# recipe: {json.dumps(config, default=str)}")
 
     if args.timing_iters > 0:
         speed = time_training(cfg, args.timing_iters)
@@ -203,7 +228,7 @@ def main() -> None:
             )
 
     start = time.time()
-    result = run_toy(cfg, args.out_dir, progress=progress)
+    result = run_toy(recipe, args.out_dir, progress=progress)
     metrics = result.metrics
     print(
         f"\n## quality (run_toy wall time {time.time() - start:.0f} s; outputs in {result.out_dir})"

@@ -4,89 +4,102 @@ Each named variant trains GMFlow (and, where asked, the K = 1 baseline) with ``g
 trainer and scores a few grid cells with the metrics of issue 3 §4. Meant for a GPU (minutes for
 the whole sweep at the anchor budget); on a CPU pass --only to run one variant.
 
+Variants and --set items are in the keys of ``gmflow toy --set`` (the training recipe plus its
+toy: section: optim.lr, train.max_steps, loss.trans_ratio, ema.kind, toy.eval.precision, ...).
+
 Usage:
     python benchmarks/toy_sweep.py --device cuda
     python benchmarks/toy_sweep.py --device cpu --only spec --iters 100 --num-samples 5000
+    python benchmarks/toy_sweep.py --device cpu --only lr1e-3 --set optim.lr=2e-3 --iters 300
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import torch
 
-from gmflow.config import apply_overrides
 from gmflow.models.mlp2d import SigmaDenoiser
-from gmflow.toy import ToyConfig, build_toy_model, point_cloud_metrics, sample_cell, train_toy_model
+from gmflow.toy import (
+    ToyConfig,
+    build_toy_model,
+    load_toy_recipe,
+    point_cloud_metrics,
+    sample_cell,
+    toy_config_from_run,
+    train_toy_model,
+)
 
 ANCHOR = [
     "model.num_gaussians=64",
     "model.hidden_dim=512",
-    "train.batch_size=4096",
-    "train.iters=4000",
-    "eval.gm_ode_fine_steps=128",
+    "train.batch_size_per_device=4096",
+    "train.global_batch_size=4096",
+    "train.max_steps=4000",
+    "toy.eval.gm_ode_fine_steps=128",
     "train.precision=fp32",
-    "eval.precision=fp32",
+    "toy.eval.precision=fp32",
 ]
 OFFICIAL = [
-    "train.lr=2e-4",
-    "train.betas=[0.9, 0.999]",
-    "train.warmup_steps=0",
-    "train.trans_ratio=1.0",
-    "train.ema=none",
+    "optim.lr=2e-4",
+    "optim.betas=[0.9, 0.999]",
+    "optim.warmup_steps=0",
+    "loss.trans_ratio=1.0",
+    "ema.kind=none",
 ]
 VARIANTS: dict[str, list[str]] = {
     "official": ANCHOR + OFFICIAL,
-    "spec": ANCHOR + ["train.lr=2e-4", "train.betas=[0.9, 0.999]", "train.warmup_steps=1000"],
-    "lr5e-4": ANCHOR + ["train.lr=5e-4", "train.warmup_steps=200"],
-    "lr1e-3": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200"],
-    "lr2e-3": ANCHOR + ["train.lr=2e-3", "train.warmup_steps=400"],
-    "lr1e-3-nll": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200", "train.trans_ratio=1.0"],
-    "lr1e-3-bf16": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200", "train.precision=bf16"],
-    "lr1e-3-tr0.8": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200", "train.trans_ratio=0.8"],
-    "lr1e-3-noema": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200", "train.ema=none"],
-    "lr1e-3-d256": ANCHOR + ["train.lr=1e-3", "train.warmup_steps=200", "model.hidden_dim=256"],
-    "lr2e-3-d256": ANCHOR + ["train.lr=2e-3", "train.warmup_steps=400", "model.hidden_dim=256"],
+    "spec": ANCHOR + ["optim.lr=2e-4", "optim.betas=[0.9, 0.999]", "optim.warmup_steps=1000"],
+    "lr5e-4": ANCHOR + ["optim.lr=5e-4", "optim.warmup_steps=200"],
+    "lr1e-3": ANCHOR + ["optim.lr=1e-3", "optim.warmup_steps=200"],
+    "lr2e-3": ANCHOR + ["optim.lr=2e-3", "optim.warmup_steps=400"],
+    "lr1e-3-nll": ANCHOR + ["optim.lr=1e-3", "optim.warmup_steps=200", "loss.trans_ratio=1.0"],
+    "lr1e-3-bf16": ANCHOR + ["optim.lr=1e-3", "optim.warmup_steps=200", "train.precision=bf16"],
+    "lr1e-3-tr0.8": ANCHOR + ["optim.lr=1e-3", "optim.warmup_steps=200", "loss.trans_ratio=0.8"],
+    "lr1e-3-noema": ANCHOR + ["optim.lr=1e-3", "optim.warmup_steps=200", "ema.kind=none"],
+    "lr1e-3-d256": ANCHOR + ["optim.lr=1e-3", "optim.warmup_steps=200", "model.hidden_dim=256"],
+    "lr2e-3-d256": ANCHOR + ["optim.lr=2e-3", "optim.warmup_steps=400", "model.hidden_dim=256"],
 }
 DEFAULT_VARIANTS: dict[str, list[str]] = {  # candidates for the CPU default of `gmflow toy`
     "d256-1500": [  # as run on the H100 (fp32, the paper's 128 fine GM-ODE steps)
         "model.hidden_dim=256",
-        "train.iters=1500",
-        "train.lr=1e-3",
-        "train.warmup_steps=200",
+        "train.max_steps=1500",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=200",
         "train.precision=fp32",
-        "eval.precision=fp32",
-        "eval.gm_ode_fine_steps=128",
+        "toy.eval.precision=fp32",
+        "toy.eval.gm_ode_fine_steps=128",
     ],
     "d128-1500": [  # as run on the H100 (fp32, the paper's 128 fine GM-ODE steps)
         "model.hidden_dim=128",
-        "train.iters=1500",
-        "train.lr=2e-3",
-        "train.warmup_steps=200",
+        "train.max_steps=1500",
+        "optim.lr=2e-3",
+        "optim.warmup_steps=200",
         "train.precision=fp32",
-        "eval.precision=fp32",
-        "eval.gm_ode_fine_steps=128",
+        "toy.eval.precision=fp32",
+        "toy.eval.gm_ode_fine_steps=128",
     ],
     "d128-1500-bf16": [
         "model.hidden_dim=128",
-        "train.iters=1500",
-        "train.lr=2e-3",
-        "train.warmup_steps=200",
+        "train.max_steps=1500",
+        "optim.lr=2e-3",
+        "optim.warmup_steps=200",
         "train.precision=bf16",
-        "eval.precision=bf16",
-        "eval.gm_ode_fine_steps=32",
+        "toy.eval.precision=bf16",
+        "toy.eval.gm_ode_fine_steps=32",
     ],
     "d128-1500-bf16-g3": [
         "model.hidden_dim=128",
-        "train.iters=1500",
-        "train.lr=2e-3",
-        "train.warmup_steps=200",
+        "train.max_steps=1500",
+        "optim.lr=2e-3",
+        "optim.warmup_steps=200",
         "train.precision=bf16",
-        "eval.precision=bf16",
-        "eval.gm_ode_fine_steps=32",
-        "train.ema_gamma=3",
+        "toy.eval.precision=bf16",
+        "toy.eval.gm_ode_fine_steps=32",
+        "ema.gamma=3",
     ],
 }
 CELLS = [
@@ -101,11 +114,7 @@ BASELINE_CELLS = [("euler", 8), ("euler", 16), ("euler", 32)]
 
 
 def evaluate(model, cfg: ToyConfig, cells, device, substeps=None) -> dict[str, float]:  # noqa: ANN001
-    ev = (
-        cfg.eval
-        if substeps is None
-        else apply_overrides(cfg, [f"eval.gm_ode_fine_steps={substeps}"]).eval
-    )
+    ev = cfg.eval if substeps is None else dataclasses.replace(cfg.eval, gm_ode_fine_steps=substeps)
     out = {}
     for name, nfe in cells:
         points, info = sample_cell(model, name, nfe, ev, device)
@@ -115,18 +124,18 @@ def evaluate(model, cfg: ToyConfig, cells, device, substeps=None) -> dict[str, f
 
 
 def run(name: str, overrides: list[str], args: argparse.Namespace, baseline: bool) -> dict:
-    cfg = apply_overrides(
-        ToyConfig(),
+    recipe = load_toy_recipe(
+        None,
         [
             *overrides,
             f"train.device={args.device}",
-            f"eval.num_samples={args.num_samples}",
+            f"toy.eval.num_samples={args.num_samples}",
             *args.set,
+            *([f"train.max_steps={args.iters}"] if args.iters else []),
         ],
     )
-    if args.iters:
-        cfg = apply_overrides(cfg, [f"train.iters={args.iters}"])
-    device = torch.device(args.device)
+    cfg = toy_config_from_run(recipe)
+    device = torch.device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     net = build_toy_model(cfg.model, num_gaussians=cfg.model.num_gaussians)
     start = time.time()
@@ -168,16 +177,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", help="train.device: cpu, cuda or auto")
     parser.add_argument("--only", nargs="*", default=None, help="variants to run, in this order")
     parser.add_argument(
-        "--iters", type=int, default=0, help="override train.iters of every variant"
+        "--iters", type=int, default=0, help="train.max_steps of every variant (0: the variant's)"
     )
-    parser.add_argument("--num-samples", type=int, default=100_000)
+    parser.add_argument(
+        "--num-samples", type=int, default=100_000, help="toy.eval.num_samples per grid cell"
+    )
     parser.add_argument(
         "--substeps", type=int, default=0, help="also score gm-ode2 with these fine steps (0: skip)"
     )
-    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for every variant, in the keys of `gmflow toy --set`, e.g. "
+        "optim.lr=2e-3 or ema.gamma=3 (repeatable; after the variant's, before --iters)",
+    )
     parser.add_argument(
         "--cells", nargs="*", default=None, help="grid cells as solver@nfe (default: all above)"
     )

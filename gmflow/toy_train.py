@@ -23,7 +23,7 @@ from gmflow.errors import DivergenceError
 
 if TYPE_CHECKING:
     from gmflow.models.mlp2d import GMMLP2D
-    from gmflow.toy import ToyModelConfig, ToyTrainConfig
+    from gmflow.toy_recipe import ToyModelConfig, ToyTrainConfig
 
 __all__ = [
     "cpu_has_fast_bf16",

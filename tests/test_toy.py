@@ -170,6 +170,15 @@ def test_recipe_and_toy_config_map_both_ways():
     assert toy_config_from_run(run) == cfg
 
 
+def test_gmflow_toy_reexports_the_recipe_mapping():
+    import gmflow.toy
+    import gmflow.toy_recipe
+
+    for name in gmflow.toy_recipe.__all__:
+        assert name in gmflow.toy.__all__
+        assert getattr(gmflow.toy, name) is getattr(gmflow.toy_recipe, name)
+
+
 def test_unified_set_keys_reach_the_experiment():
     run = load_toy_recipe(RECIPE, ["optim.lr=5e-4", "toy.eval.nfes=[1,2]", "ema.gamma=3"])
     cfg = toy_config_from_run(run)

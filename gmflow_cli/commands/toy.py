@@ -69,7 +69,7 @@ def toy(
     import yaml
 
     from gmflow.config import apply_overrides, to_dict
-    from gmflow.toy import load_toy_recipe, toy_config_from_run
+    from gmflow.toy_recipe import load_toy_recipe, toy_config_from_run
 
     cfg = load_toy_recipe(recipe, overrides or [])
     flags = {
