@@ -231,15 +231,23 @@ def load_recipe(path: str | os.PathLike[str], schema: type[T], overrides: Sequen
     Raises:
         ConfigError: the file is missing or not YAML, or any key/type/combination is invalid.
     """
+    cfg = from_dict(read_recipe_yaml(path), schema, source=str(path))
+    return apply_overrides(cfg, overrides, source=f"{path} with --set")
+
+
+def read_recipe_yaml(path: str | os.PathLike[str]) -> Any:
+    """Return the parsed YAML of a recipe file (safe loader).
+
+    Raises:
+        ConfigError: the file is missing or not YAML.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe '{path}' does not exist; pass the path of a YAML recipe file")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    cfg = from_dict(data, schema, source=str(path))
-    return apply_overrides(cfg, overrides, source=f"{path} with --set")
 
 
 def dump_recipe(cfg: Any, path: str | os.PathLike[str]) -> None:

@@ -23,12 +23,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from gmflow.config import apply_overrides, from_dict, parse_override
+from gmflow.config import apply_overrides, from_dict, parse_override, read_recipe_yaml
 from gmflow.errors import ConfigError
 from gmflow.run_config import (
     DataConfig,
@@ -326,13 +323,7 @@ def load_toy_recipe(
         _reject_old_keys([".".join(key)], f"--set {text}")
     if path is None:
         return apply_overrides(toy_run_config(), overrides)
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe '{path}' does not exist; pass the path of a YAML recipe file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    data = read_recipe_yaml(path)
     _reject_old_keys(_dotted_keys(data), str(path))
     cfg = from_dict(data, RunConfig, source=str(path))
     return apply_overrides(cfg, overrides, source=f"{path} with --set")
