@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gmflow.gm._shapes import broadcast_shapes
 from gmflow.gm.mixture import GaussianMixture, IsoGaussian, gm_dtype
 
 
@@ -40,7 +41,7 @@ def check_gm_event(name: str, gm: GaussianMixture, shape: tuple[int, ...], what:
 def check_batch(name: str, gm: GaussianMixture, batch: tuple[int, ...]) -> None:
     """Check that the leading batch dims of an argument broadcast with the mixture's."""
     try:
-        torch.broadcast_shapes(tuple(batch), tuple(gm.batch_shape))
+        broadcast_shapes(tuple(batch), tuple(gm.batch_shape))
     except RuntimeError:
         raise ValueError(
             f"{name}: batch dims {tuple(batch)} do not broadcast with the mixture batch dims "

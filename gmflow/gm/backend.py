@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from gmflow.errors import ConfigError
+from gmflow.gm._shapes import broadcast_shapes
 
 __all__ = ["ENV_VAR", "OPS", "kernel_for", "requested_backend", "selected_backend"]
 
@@ -255,10 +256,10 @@ def _flat_gm(means: Tensor, logweights: Tensor, logstds: Tensor, batch: torch.Si
 
 
 def _inverse_cdf(launch, means, logweights, logstds, u, z, n_steps, eps, max_step_size):  # type: ignore[no-untyped-def]
-    batch = torch.broadcast_shapes(
+    batch = broadcast_shapes(
         means.shape[:-4], logweights.shape[:-4], logstds.shape[:-4], u.shape[:-3], z.shape[:-3]
     )
-    n_samples = torch.broadcast_shapes(u.shape[-3:-2], z.shape[-3:-2])[0]
+    n_samples = broadcast_shapes(u.shape[-3:-2], z.shape[-3:-2])[0]
     h, w = means.shape[-2:]
     m, lw, ls = _flat_gm(means, logweights, logstds, batch)
     n = m.shape[0]
@@ -273,7 +274,7 @@ def _inverse_cdf(launch, means, logweights, logstds, u, z, n_steps, eps, max_ste
 
 def _condition_mean(launch, means, logweights, logstds, precision, linear, eps):  # type: ignore[no-untyped-def]
     zeta_batch = tuple(precision.shape[:-3]) if precision.dim() else ()
-    batch = torch.broadcast_shapes(
+    batch = broadcast_shapes(
         means.shape[:-4], logweights.shape[:-4], logstds.shape[:-4], linear.shape[:-3], zeta_batch
     )
     c, h, w = means.shape[-3:]
@@ -287,7 +288,7 @@ def _condition_mean(launch, means, logweights, logstds, precision, linear, eps):
 
 
 def _logprob(launch, means, logweights, logstds, x):  # type: ignore[no-untyped-def]
-    batch = torch.broadcast_shapes(
+    batch = broadcast_shapes(
         means.shape[:-4], logweights.shape[:-4], logstds.shape[:-4], x.shape[:-4]
     )
     c, h, w = means.shape[-3:]

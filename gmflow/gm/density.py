@@ -9,6 +9,7 @@ from torch import Tensor
 
 from gmflow.gm import backend as _backend
 from gmflow.gm._checks import check_batch, promote, promote_gm
+from gmflow.gm._shapes import broadcast_shapes
 from gmflow.gm.mixture import GaussianMixture, IsoGaussian
 from gmflow.gm.random import Generators, rand, randn
 
@@ -34,7 +35,7 @@ def iso_gaussian_logprob(g: IsoGaussian, x: Tensor) -> Tensor:
             f"{tuple(g.mean.shape)}, got {tuple(x.shape)}"
         )
     try:
-        torch.broadcast_shapes(tuple(x.shape[:-4]), tuple(g.mean.shape[:-3]))
+        broadcast_shapes(tuple(x.shape[:-4]), tuple(g.mean.shape[:-3]))
     except RuntimeError:
         raise ValueError(
             f"iso_gaussian_logprob: x batch dims {tuple(x.shape[:-4])} do not broadcast with the "
@@ -108,9 +109,7 @@ def gm_to_sample(
     if n < 1:
         raise ValueError(f"gm_to_sample: n must be >= 1, got {n}")
     gm, _ = promote_gm(gm)
-    batch = torch.broadcast_shapes(
-        gm.means.shape[:-4], gm.logweights.shape[:-4], gm.logstds.shape[:-4]
-    )
+    batch = broadcast_shapes(gm.means.shape[:-4], gm.logweights.shape[:-4], gm.logstds.shape[:-4])
     k, c, h, w = gm.means.shape[-4:]
     logw = gm.logweights if power == 1.0 else torch.log_softmax(power * gm.logweights, dim=-4)
     logw = logw.expand(*batch, k, 1, h, w)

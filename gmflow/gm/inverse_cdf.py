@@ -19,6 +19,7 @@ from torch import Tensor
 
 from gmflow.gm import backend as _backend
 from gmflow.gm._checks import promote_gm
+from gmflow.gm._shapes import broadcast_shapes
 from gmflow.gm.mixture import GaussianMixture
 
 __all__ = ["gm1d_pdf_cdf", "gm1d_inverse_cdf"]
@@ -39,7 +40,7 @@ def _check_gm1d(name: str, gm1d: GaussianMixture, t: Tensor, what: str) -> None:
             f"{tuple(gm1d.means.shape)}, got {tuple(t.shape)}"
         )
     try:
-        torch.broadcast_shapes(tuple(t.shape[:-3]), tuple(gm1d.batch_shape))
+        broadcast_shapes(tuple(t.shape[:-3]), tuple(gm1d.batch_shape))
     except RuntimeError:
         raise ValueError(
             f"{name}: {what} batch dims {tuple(t.shape[:-3])} do not broadcast with the mixture "

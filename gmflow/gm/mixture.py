@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gmflow.gm._shapes import broadcast_shapes
+
 __all__ = [
     "GaussianMixture",
     "IsoGaussian",
@@ -26,7 +28,7 @@ def _shape(t: Tensor) -> tuple[int, ...]:
 
 def _check_broadcast(name: str, a: tuple[int, ...], b: tuple[int, ...], what: str) -> None:
     try:
-        torch.broadcast_shapes(a, b)
+        broadcast_shapes(a, b)
     except RuntimeError:
         raise ValueError(
             f"{name}: {what} have shapes {a} and {b}, which do not broadcast; "

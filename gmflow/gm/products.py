@@ -19,6 +19,7 @@ from gmflow.gm._checks import (
     promote,
     promote_gm,
 )
+from gmflow.gm._shapes import broadcast_shapes
 from gmflow.gm.mixture import FullGaussianMixture, Gaussian, GaussianMixture, IsoGaussian, gm_dtype
 
 __all__ = [
@@ -86,7 +87,7 @@ def iso_gaussian_mul_iso_gaussian(
     try:
         if g1.mean.shape[-3] != g2.mean.shape[-3]:
             raise RuntimeError  # a C = 1 operand must not broadcast over the other's channels
-        torch.broadcast_shapes(g1.mean.shape, g2.mean.shape)
+        broadcast_shapes(g1.mean.shape, g2.mean.shape)
     except RuntimeError:
         raise ValueError(
             f"iso_gaussian_mul_iso_gaussian: g1.mean {tuple(g1.mean.shape)} and g2.mean "
@@ -192,7 +193,7 @@ def gm_mul_gm(gm1: GaussianMixture, gm2: GaussianMixture) -> GaussianMixture:
         - 0.5 * sqdist * torch.exp(-var_sum_log)
         - 0.5 * c * var_sum_log
     )
-    batch = torch.broadcast_shapes(means.shape[:-5], logw.shape[:-5])
+    batch = broadcast_shapes(means.shape[:-5], logw.shape[:-5])
     means = means.expand(*batch, k1, k2, *means.shape[-3:]).flatten(-5, -4)
     logw = logw.expand(*batch, k1, k2, *logw.shape[-3:]).flatten(-5, -4)
     if logstds.shape[-5] == 1 and logstds.shape[-4] == 1:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from gmflow.gm._checks import check_gm_event, promote_gm
+from gmflow.gm._shapes import broadcast_shapes
 from gmflow.gm.inverse_cdf import gm1d_inverse_cdf, gm1d_pdf_cdf
 from gmflow.gm.mixture import GaussianMixture
 from gmflow.gm.moments import gm_to_gaussian
@@ -198,7 +199,7 @@ def gaussian_to_gm_samples(
         x_axes.append(x_a)
         if a + 1 < gm.num_channels:
             logw = _condition(logw, logstds, mu_a, x_a)
-    batch = torch.broadcast_shapes(z_rot.shape[:-3], mu.shape[:-4])
+    batch = broadcast_shapes(z_rot.shape[:-3], mu.shape[:-4])
     if n_axes < gm.num_channels:
         x_axes.append(_sample_rest(logw, logstds, mu[..., n_axes:, :, :], batch, generator))
     x_rot = torch.cat([t.expand(*batch, *t.shape[-3:]) for t in x_axes], dim=-3)
