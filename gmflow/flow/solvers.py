@@ -1,25 +1,29 @@
-"""Stateless solver steps and the ``sample`` loop: GM-SDE, GM-ODE (orders 1, 2), baselines (spec 8).
+"""The ``sample`` loop: GM-SDE, GM-ODE (orders 1, 2) and the flow-matching baselines (spec 8).
 
-Every step is a pure function of its inputs over an explicit σ grid (:func:`sigma_grid`); the loop
+The single steps are pure functions in :mod:`gmflow.flow.steps` and the option checks live in
+:mod:`gmflow.flow.sample_options`; steps run over an explicit σ grid (:func:`sigma_grid`); the loop
 keeps the state x in fp32 (fp64 when the noise is fp64) whatever the network dtype.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from gmflow.errors import ConfigError
 from gmflow.flow.guidance import GuidanceResult, cfg_guidance, guide
-from gmflow.flow.path import SIGMA_FLOOR, Sigma, _as_level, _per_sample, posterior_mean, u_to_x0
+from gmflow.flow.path import posterior_mean, u_to_x0
+from gmflow.flow.sample_options import (
+    SOLVERS,
+    GuidanceSettings,
+    validate_guidance,
+    validate_options,
+)
 from gmflow.flow.second_order import SecondOrderState, second_order_correction
+from gmflow.flow.steps import default_num_substeps, flow_euler_step, flow_sde_step
 from gmflow.flow.timesteps import sigma_grid
 from gmflow.gm import GaussianMixture, IsoGaussian, gm_to_iso_gaussian, gm_to_mean, gm_to_sample
-from gmflow.gm.mixture import gm_dtype
 from gmflow.gm.random import Generators, randn
 
 __all__ = [
@@ -31,107 +35,9 @@ __all__ = [
     "sample",
 ]
 
-SOLVERS = ("gm-sde", "gm-ode", "euler", "heun", "ddpm")
-GUIDANCE_MODES = ("probabilistic", "cfg")
 
 Denoiser = Callable[[Tensor, Tensor, Tensor | None], GaussianMixture]
 """denoiser(x_t (B, C, H, W), sigma (B,), class_labels (B,) or None) -> GaussianMixture over u."""
-
-
-def _both_floats(*levels: Sigma) -> bool:
-    return all(isinstance(v, float | int) and not isinstance(v, bool) for v in levels)
-
-
-def flow_euler_step(x_t: Tensor, x0_hat: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
-    """One Euler step of dx/dσ = (x − x̂0)/σ in its x0 form (FlowEulerODE, spec 8.1).
-
-    x' = (σ'/σ) x + (1 − σ'/σ) x̂0 = x + (σ' − σ)(x − x̂0)/σ (a DDIM step); σ' = 0 returns x̂0.
-
-    Args:
-        x_t: (B, C, H, W).
-        x0_hat: the x0 estimate, same shape.
-        sigma: σ, scalar or (B,).
-        sigma_next: σ' < σ, scalar or (B,).
-
-    Returns:
-        x at σ'.
-    """
-    if _both_floats(sigma, sigma_next):  # the samplers' grids: one fused op (a launch on GPUs)
-        ratio = float(sigma_next) / max(float(sigma), SIGMA_FLOOR)
-        dtype = torch.promote_types(gm_dtype(x_t.dtype), x0_hat.dtype)
-        return torch.lerp(x0_hat.to(dtype), x_t.to(dtype), ratio)
-    s = _per_sample(_as_level(sigma, x_t), 3).clamp_min(SIGMA_FLOOR)
-    ratio = _per_sample(_as_level(sigma_next, x_t), 3) / s
-    return ratio * x_t + (1 - ratio) * x0_hat
-
-
-def flow_sde_step(
-    x_t: Tensor,
-    x0_hat: Tensor,
-    sigma: Sigma,
-    sigma_next: Sigma,
-    noise: Tensor,
-    diffusion: float = 1.0,
-) -> Tensor:
-    """One step of the canonical flow SDE with diffusion coefficient h (FlowSDE, spec 8.1).
-
-    With ε̂ = (x − α x̂0)/σ and m = (σ' α/(σ α'))^{h²} (σ, σ α' floored at 1e-6):
-        x' = α' x̂0 + σ' (m ε̂ + sqrt(1 − m²) z).
-    h = 1 is exactly the DDPM posterior sample c1 x + c2 x̂0 + sqrt(c3) z (spec 1.3), h = 0 the
-    Euler/DDIM step; σ' = 0 returns x̂0.
-
-    Args:
-        x_t: (B, C, H, W).
-        x0_hat: the x0 estimate, same shape.
-        sigma: σ, scalar or (B,).
-        sigma_next: σ' ≤ σ, scalar or (B,).
-        noise: z ~ N(0, I), same shape as ``x_t``.
-        diffusion: h ≥ 0.
-
-    Returns:
-        x at σ'.
-    """
-    if _both_floats(sigma, sigma_next):  # the same maths as coefficients of x, x̂0 and z
-        s, s_next = float(sigma), float(sigma_next)
-        a, a_next = 1 - s, 1 - s_next
-        m = (s_next * a / max(s * a_next, SIGMA_FLOOR)) ** (diffusion**2)
-        c_x = s_next * m / max(s, SIGMA_FLOOR)
-        dtype = torch.promote_types(gm_dtype(x_t.dtype), x0_hat.dtype)
-        out = torch.add(x_t.to(dtype) * c_x, x0_hat.to(dtype), alpha=a_next - c_x * a)
-        return torch.add(out, noise.to(dtype), alpha=s_next * math.sqrt(max(1 - m * m, 0.0)))
-    s = _per_sample(_as_level(sigma, x_t), 3)
-    s_next = _per_sample(_as_level(sigma_next, x_t), 3)
-    a, a_next = 1 - s, 1 - s_next
-    eps_hat = (x_t - a * x0_hat) / s.clamp_min(SIGMA_FLOOR)
-    m = (s_next * a / (s * a_next).clamp_min(SIGMA_FLOOR)).pow(diffusion**2)
-    return a_next * x0_hat + s_next * (m * eps_hat + (1 - m.square()).clamp_min(0).sqrt() * noise)
-
-
-def default_num_substeps(num_steps: int) -> int:
-    """GM-ODE sub-steps: max(ceil(128 / N), 2), so that N·S ≥ 128 fine steps (paper, spec 14)."""
-    return max(math.ceil(128 / num_steps), 2)
-
-
-@dataclass(frozen=True)
-class _Guidance:
-    """Validated guidance settings of one ``sample`` call."""
-
-    mode: str
-    scale: float
-    orthogonal: float
-    interval: tuple[float, float] | None
-    class_labels: Tensor | None
-    null_class_id: int | None
-
-    @property
-    def enabled(self) -> bool:
-        return self.scale > (0.0 if self.mode == "probabilistic" else 1.0)
-
-    def active_at(self, sigma: float) -> bool:
-        """Guidance applies at σ (inside the interval, inclusive, when one is given)."""
-        if not self.enabled:
-            return False
-        return self.interval is None or self.interval[0] <= sigma <= self.interval[1]
 
 
 def _check_output(out: object, batch: int, shape: tuple[int, ...]) -> GaussianMixture:
@@ -153,7 +59,7 @@ def _check_output(out: object, batch: int, shape: tuple[int, ...]) -> GaussianMi
 
 
 def _evaluate(
-    denoiser: Denoiser, x: Tensor, sigma: float, guidance: _Guidance
+    denoiser: Denoiser, x: Tensor, sigma: float, guidance: GuidanceSettings
 ) -> tuple[GaussianMixture, GuidanceResult | None]:
     """One network evaluation → (x0-GM after guidance, guidance terms or None).
 
@@ -175,109 +81,6 @@ def _evaluate(
         return cfg_guidance(gm_cond, gm_uncond, guidance.scale), None
     result = guide(gm_cond, gm_uncond, guidance.scale, guidance.orthogonal)
     return result.gm, result
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _validate(
-    denoiser: object,
-    noise: object,
-    solver: str,
-    num_steps: int,
-    num_substeps: int | None,
-    order: int,
-    gm2_coefs: tuple[float, float],
-    shift: float,
-    spectrum_net: object,
-) -> int:
-    """Check the non-guidance arguments of :func:`sample`; return the number of sub-steps S."""
-    if not callable(denoiser):
-        raise ConfigError(f"sample: denoiser must be callable, got {type(denoiser).__name__}")
-    if not isinstance(noise, Tensor) or noise.dim() != 4 or not noise.is_floating_point():
-        got = f"shape {tuple(noise.shape)}, {noise.dtype}" if isinstance(noise, Tensor) else noise
-        raise ValueError(f"sample: noise must be a float tensor of shape (B, C, H, W), got {got}")
-    if solver not in SOLVERS:
-        raise ConfigError(f"sample: solver={solver!r}; expected one of {', '.join(SOLVERS)}")
-    if not _is_int(num_steps) or num_steps < 1:
-        raise ConfigError(f"sample: num_steps must be an integer >= 1, got {num_steps!r}")
-    if num_substeps is not None and solver != "gm-ode":
-        raise ConfigError(
-            f"sample: num_substeps={num_substeps!r} is only used by solver='gm-ode' (GM-SDE and "
-            f"the baselines take one sub-step); leave it None for solver={solver!r}"
-        )
-    if num_substeps is not None and (not _is_int(num_substeps) or num_substeps < 1):
-        raise ConfigError(f"sample: num_substeps must be an integer >= 1, got {num_substeps!r}")
-    if order not in (1, 2) or isinstance(order, bool):
-        raise ConfigError(f"sample: order must be 1 or 2, got {order!r}")
-    if order == 2 and solver not in ("gm-sde", "gm-ode"):
-        raise ConfigError(
-            f"sample: order=2 is the GM second-order correction of 'gm-sde' and 'gm-ode'; "
-            f"solver={solver!r} takes order=1 ('heun' is already a second-order baseline)"
-        )
-    if len(gm2_coefs) != 2 or not all(math.isfinite(c) and c >= 0 for c in gm2_coefs):
-        raise ConfigError(f"sample: gm2_coefs must be two finite numbers >= 0, got {gm2_coefs!r}")
-    if not (math.isfinite(shift) and shift > 0):
-        raise ConfigError(f"sample: shift must be a finite number > 0 (1 = none), got {shift!r}")
-    if spectrum_net is not None and (solver != "gm-sde" or not callable(spectrum_net)):
-        raise ConfigError(
-            "sample: spectrum_net draws the GM-SDE x0 sample with spectral correlation; it needs "
-            f"solver='gm-sde' and a callable, got solver={solver!r}"
-        )
-    if solver == "gm-ode":
-        return num_substeps if num_substeps is not None else default_num_substeps(num_steps)
-    return 1
-
-
-def _validate_guidance(
-    mode: str,
-    scale: float,
-    orthogonal: float,
-    interval: tuple[float, float] | None,
-    class_labels: Tensor | None,
-    null_class_id: int | None,
-    batch: int,
-) -> _Guidance:
-    if mode not in GUIDANCE_MODES:
-        raise ConfigError(f"sample: guidance={mode!r}; expected 'probabilistic' or 'cfg'")
-    if not isinstance(scale, int | float) or not math.isfinite(scale):
-        raise ConfigError(f"sample: guidance_scale must be a finite number, got {scale!r}")
-    if mode == "probabilistic" and not 0 <= scale < 1:
-        raise ConfigError(
-            f"sample: probabilistic guidance_scale w must lie in [0, 1) (0 = off; ~0.04 best FID, "
-            f"~0.45 best precision), got {scale}; for vanilla CFG with g >= 1 pass guidance='cfg'"
-        )
-    if mode == "cfg" and not scale >= 1:
-        raise ConfigError(
-            f"sample: with guidance='cfg' guidance_scale is the CFG scale g >= 1 (1 = off), "
-            f"got {scale}"
-        )
-    if not 0 <= orthogonal <= 1:
-        raise ConfigError(f"sample: orthogonal_guidance must lie in [0, 1], got {orthogonal!r}")
-    if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
-        raise ConfigError(
-            f"sample: guidance_interval must be (sigma_a, sigma_b) with 0 <= sigma_a <= sigma_b "
-            f"<= 1, got {interval!r}"
-        )
-    if class_labels is not None and (
-        not isinstance(class_labels, Tensor) or tuple(class_labels.shape) != (batch,)
-    ):
-        got = tuple(class_labels.shape) if isinstance(class_labels, Tensor) else class_labels
-        raise ValueError(f"sample: class_labels must be a tensor of shape ({batch},), got {got}")
-    settings = _Guidance(
-        mode, float(scale), float(orthogonal), interval, class_labels, null_class_id
-    )
-    if settings.enabled and (class_labels is None or null_class_id is None):
-        raise ConfigError(
-            f"sample: guidance_scale={scale} evaluates the conditional and the unconditional model "
-            "in one call on [cond; null]; pass class_labels (B,) and null_class_id (e.g. 1000 for "
-            "ImageNet GMDiT), or set guidance_scale to "
-            f"{'0' if mode == 'probabilistic' else '1'}"
-        )
-    if null_class_id is not None and not _is_int(null_class_id):
-        raise ConfigError(f"sample: null_class_id must be an integer, got {null_class_id!r}")
-    return settings
 
 
 def _draw_x0(
@@ -307,7 +110,7 @@ def _sample_gm(
     num_steps: int,
     num_substeps: int,
     order: int,
-    guidance: _Guidance,
+    guidance: GuidanceSettings,
     gm2_coefs: tuple[float, float],
     shift: float,
     generator: Generators,
@@ -355,7 +158,7 @@ def _sample_mean(
     *,
     solver: str,
     num_steps: int,
-    guidance: _Guidance,
+    guidance: GuidanceSettings,
     shift: float,
     generator: Generators,
     progress: Callable[[int, int], None] | None,
@@ -457,10 +260,10 @@ def sample(
         ConfigError: an invalid option (checked before the first network call).
         ValueError: tensors of the wrong shape.
     """
-    substeps = _validate(
+    substeps = validate_options(
         denoiser, noise, solver, num_steps, num_substeps, order, gm2_coefs, shift, spectrum_net
     )
-    settings = _validate_guidance(
+    settings = validate_guidance(
         guidance,
         guidance_scale,
         orthogonal_guidance,

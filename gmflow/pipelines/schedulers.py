@@ -1,4 +1,4 @@
-"""Diffusers schedulers over the stateless solver steps of :mod:`gmflow.flow.solvers` (spec 8.1).
+"""Diffusers schedulers over the stateless solver steps of :mod:`gmflow.flow.steps` (spec 8.1).
 
 Here "scheduler" has its Diffusers meaning: an object that holds a time grid and advances x by
 one step per ``step`` call. Both classes hold the grid of :func:`gmflow.flow.sigma_grid`,
@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from gmflow.errors import ConfigError
-from gmflow.flow.solvers import flow_euler_step, flow_sde_step
+from gmflow.flow.steps import flow_euler_step, flow_sde_step
 from gmflow.flow.timesteps import sigma_grid
 
 __all__ = ["FlowGridScheduler", "FlowEulerODEScheduler", "FlowSDEScheduler"]
