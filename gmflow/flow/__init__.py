@@ -47,8 +47,8 @@ from gmflow.flow.path import (
     x0_to_u,
     x0_to_velocity,
 )
-from gmflow.flow.second_order import SecondOrderState, second_order_correction
 from gmflow.flow.sample_options import SOLVERS
+from gmflow.flow.second_order import SecondOrderState, second_order_correction
 from gmflow.flow.solvers import Denoiser, sample
 from gmflow.flow.steps import default_num_substeps, flow_euler_step, flow_sde_step
 from gmflow.flow.timesteps import (
