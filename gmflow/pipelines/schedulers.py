@@ -96,6 +96,33 @@ class FlowGridScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)
 
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: float | Tensor,
+        sample: Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[Tensor]:
+        """x at σ_{j+1} from x = ``sample`` at σ_j and x̂0 = ``model_output`` (same shape).
+
+        ``generator`` drives the noise of stochastic schedulers (a list: one per sample).
+        """
+        sigma, sigma_next = self._levels(timestep)
+        prev = self._advance(sample, model_output.to(sample.dtype), sigma, sigma_next, generator)
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _advance(
+        self,
+        x: Tensor,
+        x0_hat: Tensor,
+        sigma: float,
+        sigma_next: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> Tensor:
+        raise NotImplementedError  # each scheduler's update rule
+
 
 class FlowEulerODEScheduler(FlowGridScheduler):
     """Euler (DDIM) steps of the flow ODE driven by an x0 prediction (spec 8.1).
@@ -109,19 +136,8 @@ class FlowEulerODEScheduler(FlowGridScheduler):
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
         self._init_grid()
 
-    def step(
-        self,
-        model_output: Tensor,
-        timestep: float | Tensor,
-        sample: Tensor,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple[Tensor]:
-        """x at σ_{j+1} from x = ``sample`` at σ_j and x̂0 = ``model_output`` (same shape)."""
-        sigma, sigma_next = self._levels(timestep)
-        prev = flow_euler_step(sample, model_output.to(sample.dtype), sigma, sigma_next)
-        self._step_index += 1
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+    def _advance(self, x, x0_hat, sigma, sigma_next, generator):  # type: ignore[no-untyped-def]
+        return flow_euler_step(x, x0_hat, sigma, sigma_next)
 
 
 class FlowSDEScheduler(FlowGridScheduler):
@@ -139,23 +155,9 @@ class FlowSDEScheduler(FlowGridScheduler):
             raise ConfigError(f"FlowSDEScheduler: h must be >= 0 (1 = DDPM posterior), got {h}")
         self._init_grid()
 
-    def step(
-        self,
-        model_output: Tensor,
-        timestep: float | Tensor,
-        sample: Tensor,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple[Tensor]:
-        """x at σ_{j+1}; z ~ N(0, I) from ``generator`` (a list: one per sample); none at σ' = 0."""
-        sigma, sigma_next = self._levels(timestep)
-        x0_hat = model_output.to(sample.dtype)
+    def _advance(self, x, x0_hat, sigma, sigma_next, generator):  # type: ignore[no-untyped-def]
+        """z ~ N(0, I) from ``generator`` (a list: one per sample); no noise at σ' = 0."""
         if sigma_next == 0:
-            prev = x0_hat
-        else:
-            noise = randn_tensor(
-                sample.shape, generator=generator, device=sample.device, dtype=sample.dtype
-            )
-            prev = flow_sde_step(sample, x0_hat, sigma, sigma_next, noise, float(self.config.h))
-        self._step_index += 1
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+            return x0_hat
+        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return flow_sde_step(x, x0_hat, sigma, sigma_next, noise, float(self.config.h))
