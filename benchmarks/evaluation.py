@@ -56,7 +56,8 @@ def tiny_latent_pipeline(folder: Path) -> Path:
 def sampling_throughput(pipeline: Path, solver: str, n: int, batch: int) -> float:
     from gmflow.evaluation.config import SweepPoint, substeps_for
     from gmflow.evaluation.samples import SamplingStats, generate_point
-    from gmflow.sampling import SampleConfig, load_model
+    from gmflow.model_loading import load_model
+    from gmflow.sampling import SampleConfig
 
     model = load_model(SampleConfig(out_dir=pipeline, pretrained=str(pipeline), class_ids=(0,)))
     point = SweepPoint(solver, 8, substeps_for(solver, 8, None), 0.3)

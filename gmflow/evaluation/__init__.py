@@ -120,7 +120,8 @@ def _device(cfg: EvalConfig) -> str:
 
 
 def _load_model(cfg: EvalConfig, device: str) -> Any:
-    from gmflow.sampling import SampleConfig, load_model
+    from gmflow.model_loading import load_model
+    from gmflow.sampling import SampleConfig
 
     sample_cfg = SampleConfig(
         out_dir=cfg.out_dir,

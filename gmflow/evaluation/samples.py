@@ -166,7 +166,7 @@ def generate_point(
     """
     from gmflow.data.shard_io import ShardSample, ShardWriter
     from gmflow.flow import sample
-    from gmflow.sampling import decode_images
+    from gmflow.model_loading import decode_images
 
     point_dir.mkdir(parents=True, exist_ok=True)
     solver, order = EVAL_SOLVERS[point.solver]

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from gmflow.errors import CheckpointError, ConfigError
 from gmflow.flow.solvers import sample
+from gmflow.model_loading import decode_images
 from gmflow.models.vae import VAE
 from gmflow.pipelines.labels import LabelIndex, imagenet_id2label, normalize_id2label
 from gmflow.pipelines.loading import (
@@ -47,7 +48,6 @@ from gmflow.pipelines.loading import (
     weights_variant,
 )
 from gmflow.pipelines.schedulers import FlowEulerODEScheduler, FlowSDEScheduler
-from gmflow.sampling import decode_images
 
 __all__ = ["GMDiTPipeline", "OUTPUT_TYPES"]
 
