@@ -152,7 +152,7 @@ def generate_point(
     """Write this rank's missing shards of ``point`` under ``point_dir``.
 
     Args:
-        model: a :class:`gmflow.sampling.LoadedModel` (denoiser, spectrum net, VAE, shapes).
+        model: a :class:`gmflow.model_loading.LoadedModel` (denoiser, spectrum net, VAE, shapes).
         point: solver, steps, sub-steps and guidance scale.
         point_dir: the point's folder (created).
         num_samples, shard_size, batch_size, seed: see :class:`EvalConfig`.
