@@ -38,16 +38,16 @@ __all__ = ["ENV_VAR", "OPS", "kernel_for", "requested_backend", "selected_backen
 ENV_VAR = "GMFLOW_GM_BACKEND"
 OPS = ("gm1d_inverse_cdf", "gm_condition_mean", "gm_logprob")
 
-# numba-cpu is the automatic CPU choice for every op where it measurably beat torch in
-# ``python benchmarks/gm_ops.py --threads 1`` (2-core CPU sandbox shared with other jobs, load 5-7;
-# fp32, no grad; kernel and torch batches interleaved in the same run; median speed-up torch/kernel
-# at ImageNet B=16,K=8,C=4,32x32 | toy B=4096,K=64,C=2,1x1; two runs, 2026-11-26):
-#   gm_condition_mean          x1.8-1.0 | x2.0-1.9  (one pass over K, no (B,K,C,H,W) temporaries)
-#   gm1d_inverse_cdf (16 st.)  x1.3     | x1.4-1.6  (per-element early stop)
-#   gaussian_to_gm_samples     x2.0-2.1 | x1.5-2.0  (the KR inverse of spectral sampling)
-#   gm_logprob (n=1)           x1.6-1.1 | x1.1      (n=8 inside gm_kl_div/gm_entropy: x1.5 | x3)
+# numba-cpu is the automatic CPU choice for every op where it measurably beats torch in
+# ``python benchmarks/gm_ops.py --threads 1`` (2-core CPU sandbox, otherwise idle; fp32, no grad;
+# kernel and torch batches interleaved in the same run; median speed-up torch/kernel at ImageNet
+# B=16,K=8,C=4,32x32 | toy B=4096,K=64,C=2,1x1; 2026-11-26, vectorised kernels):
+#   gm_condition_mean          x2.0 | x2.6  (two passes over K, no (B,K,C,H,W) temporaries)
+#   gm1d_inverse_cdf (16 st.)  x2.3 | x3.3  (per-element early stop, SIMD sums over K)
+#   gaussian_to_gm_samples     x3.2 | x2.9  (the KR inverse of spectral sampling)
+#   gm_logprob (n=1)           x1.5 | x1.1  (n=8 inside gm_kl_div/gm_entropy: x1.5 | x3)
 # No run showed a kernel slower than torch by more than the noise. With torch's default 2 threads
-# on the loaded machine, torch slows down far more than numba (x1.3-x13 in the kernels' favour).
+# on a loaded machine, torch slows down far more than numba (x1.3-x13 in the kernels' favour).
 # Full tables: benchmarks/results/gm_ops.md.
 _CPU_AUTO_OPS = frozenset(OPS)
 # The ops whose numba-cuda kernel the automatic choice uses on CUDA tensors. One H100, numba-cuda
