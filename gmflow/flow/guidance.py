@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from gmflow.gm import GaussianMixture, IsoGaussian, gm_to_iso_gaussian, gm_to_mean
-from gmflow.gm.mixture import gm_dtype
+from gmflow.gm.mixture import as_scalar_tensor, gm_dtype
 
 __all__ = [
     "GuidanceResult",
@@ -69,7 +69,7 @@ def impose_gaussian(
     dtype = gm_dtype(gm.dtype, base.mean.dtype, bias.dtype)
     gm = gm.to(dtype)
     m, v, b = base.mean.to(dtype).unsqueeze(-4), base.var.to(dtype).unsqueeze(-4), bias.to(dtype)
-    tau = torch.as_tensor(var_ratio, dtype=dtype, device=m.device)
+    tau = as_scalar_tensor(var_ratio, dtype=dtype, device=m.device)
     if tau.dim() > 0:
         tau = tau.unsqueeze(-4)  # (..., 1, 1, 1, 1)
     rho = 1 - tau

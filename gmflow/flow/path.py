@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from gmflow.gm import GaussianMixture, gm_condition, gm_condition_mean
-from gmflow.gm.mixture import gm_dtype
+from gmflow.gm.mixture import as_scalar_tensor, gm_dtype
 
 __all__ = [
     "SIGMA_FLOOR",
@@ -48,7 +48,9 @@ def _as_level(value: Sigma, ref: Tensor | None = None) -> Tensor:
         dtype = gm_dtype(value.dtype, *([ref.dtype] if ref is not None else []))
         return value.to(device=ref.device if ref is not None else value.device, dtype=dtype)
     dtype = gm_dtype(ref.dtype) if ref is not None else torch.float64
-    return torch.tensor(float(value), dtype=dtype, device=ref.device if ref is not None else None)
+    return as_scalar_tensor(
+        float(value), dtype=dtype, device=ref.device if ref is not None else None
+    )
 
 
 def _per_sample(level: Tensor, event_dims: int) -> Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from gmflow.gm import GaussianMixture, gaussian_to_gm_samples, gm_to_gaussian_samples
+from gmflow.gm.mixture import as_scalar_tensor
 from gmflow.gm.random import Generators, randn
 
 __all__ = ["dht", "idht", "spectral_sample", "spectral_loss", "SPECTRAL_LOSS_WEIGHT"]
@@ -132,7 +133,7 @@ def spectral_loss(
     with torch.no_grad():
         gm_u = gm_u.detach()
         dtype = torch.float64 if torch.float64 in (gm_u.dtype, x0.dtype) else torch.float32
-        sigma = torch.as_tensor(sigma_high, dtype=dtype, device=x0.device).reshape(-1, 1, 1, 1)
+        sigma = as_scalar_tensor(sigma_high, dtype=dtype, device=x0.device).reshape(-1, 1, 1, 1)
         u_true = (x_high.to(dtype) - x0.to(dtype)) / sigma.clamp_min(1e-9)
         z = gm_to_gaussian_samples(gm_u, u_true.unsqueeze(-4), axis_aligned=True).squeeze(-4)
         s_sq = dht(z).square()

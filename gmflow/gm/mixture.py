@@ -19,6 +19,7 @@ __all__ = [
     "Gaussian",
     "FullGaussianMixture",
     "gm_dtype",
+    "as_scalar_tensor",
 ]
 
 
@@ -34,6 +35,31 @@ def _check_broadcast(name: str, a: tuple[int, ...], b: tuple[int, ...], what: st
             f"{name}: {what} have shapes {a} and {b}, which do not broadcast; "
             "leading batch dims must match or be 1"
         ) from None
+
+
+def as_scalar_tensor(
+    value: Tensor | float,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``torch.as_tensor`` without a host-to-device copy for Python numbers.
+
+    ``torch.as_tensor(0.5, device="cuda")`` copies from pageable host memory, which waits for the
+    stream's queued work: one hidden synchronisation per call, so the host cannot run ahead of the
+    GPU during sampling. A Python number becomes a 0-dim ``torch.full`` (a fill kernel) instead;
+    tensors go through ``torch.as_tensor`` (no copy when dtype and device already match).
+    """
+    if not isinstance(value, int | float):  # tensors, arrays, sequences
+        return torch.as_tensor(value, dtype=dtype, device=device)
+    if dtype is None:
+        dtype = (
+            torch.bool
+            if isinstance(value, bool)
+            else torch.int64
+            if isinstance(value, int)
+            else torch.get_default_dtype()
+        )
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def gm_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -20,7 +20,14 @@ from gmflow.gm._checks import (
     promote_gm,
 )
 from gmflow.gm._shapes import broadcast_shapes
-from gmflow.gm.mixture import FullGaussianMixture, Gaussian, GaussianMixture, IsoGaussian, gm_dtype
+from gmflow.gm.mixture import (
+    FullGaussianMixture,
+    Gaussian,
+    GaussianMixture,
+    IsoGaussian,
+    as_scalar_tensor,
+    gm_dtype,
+)
 
 __all__ = [
     "gm_mul_iso_gaussian",
@@ -211,7 +218,7 @@ def _broadcast_condition_args(
         # a Python number takes the maths dtype directly: torch.as_tensor alone would round it to
         # the default float32 before promotion and cost fp64 inputs their precision
         dtype = gm_dtype(gm.means.dtype, gm.logweights.dtype, gm.logstds.dtype, linear.dtype)
-        precision = torch.as_tensor(precision, dtype=dtype, device=linear.device)
+        precision = as_scalar_tensor(precision, dtype=dtype, device=linear.device)
     if precision.dim() > 0 and (precision.dim() < 3 or precision.shape[-3:] != (1, 1, 1)):
         raise ValueError(
             f"{name}: precision must be a scalar or of shape (..., 1, 1, 1) (one per sample), "

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from gmflow.gm import GaussianMixture
+from gmflow.gm.mixture import as_scalar_tensor
 from gmflow.models.gm_head import GMHead
 
 __all__ = [
@@ -304,7 +305,7 @@ class GMDiT(nn.Module):
             raise ValueError(
                 f"GMDiT: spatial size {height}x{width} is not divisible by patch size {p}"
             )
-        timestep = torch.as_tensor(timestep, device=x_t.device).reshape(-1).expand(b)
+        timestep = as_scalar_tensor(timestep, device=x_t.device).reshape(-1).expand(b)
         cond = self.embed_condition(timestep, class_labels)  # (B, D)
         cond_act = F.silu(cond)
         grid = (height // p, width // p)
@@ -333,7 +334,7 @@ class GMDiT(nn.Module):
             GaussianMixture over u: means (B, K, C, H, W), logweights (B, K, 1, H, W), logstds
             (B, 1, 1, 1, 1), in fp32 (fp64 when the weights are fp64).
         """
-        sigma = torch.as_tensor(sigma, device=x_t.device)
+        sigma = as_scalar_tensor(sigma, device=x_t.device)
         return self.forward_timestep(x_t, sigma * NUM_TRAIN_TIMESTEPS, class_labels)
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from gmflow.errors import CheckpointError
 from gmflow.gm import GaussianMixture
+from gmflow.gm.mixture import as_scalar_tensor
 
 __all__ = [
     "GMMLP2D",
@@ -188,7 +189,7 @@ class GMMLP2D(nn.Module):
         batch = x.shape[0]
         weight = self.trunk[0].weight
         x = x.to(weight.dtype)
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1)
+        timestep = as_scalar_tensor(timestep, device=x.device).reshape(-1)
         shared_t = timestep.numel() == 1 or bool((timestep == timestep[0]).all())
         t_feat = timestep_features(timestep[:1] if shared_t else timestep, self.embed_dim)
         # [time | position] written into one buffer (no concatenation copies); with one shared t
@@ -242,7 +243,7 @@ class GMMLP2D(nn.Module):
             GM over u as in :meth:`forward`, cast to the dtype of ``x_t``.
         """
         del class_labels
-        sigma = torch.as_tensor(sigma, device=x_t.device)
+        sigma = as_scalar_tensor(sigma, device=x_t.device)
         gm = self(x_t, sigma * NUM_TIMESTEPS)
         return gm.to(x_t.dtype) if gm.dtype != x_t.dtype and x_t.is_floating_point() else gm
 

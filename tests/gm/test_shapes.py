@@ -32,3 +32,17 @@ def test_matches_torch_on_random_shapes() -> None:
 def test_accepts_torch_sizes_and_no_shapes() -> None:
     assert broadcast_shapes(torch.Size([2, 1]), (3,)) == torch.Size([2, 3])
     assert broadcast_shapes() == torch.Size([])
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [(0.5, None), (3, None), (True, None), (0.25, torch.float64), (2, torch.float32)],
+)
+def test_as_scalar_tensor_matches_as_tensor(value, dtype) -> None:
+    from gmflow.gm.mixture import as_scalar_tensor
+
+    got, want = as_scalar_tensor(value, dtype=dtype), torch.as_tensor(value, dtype=dtype)
+    assert got.dtype == want.dtype and got.shape == want.shape and bool(got == want)
+    t = torch.arange(3.0)
+    assert as_scalar_tensor(t) is t  # tensors pass through without a copy
+    assert torch.equal(as_scalar_tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
