@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # Third lease of 2026-11-26: the final code's real-GPU tests, where a numba-cuda launch spends its
 # host time, and the XL/2 machinery per step with a profile of gm-sde2. Logs to $OUT.
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD PYTHONWARNINGS=ignore
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/diffusers-*.whl .whl/importlib_metadata-*.whl >"$OUT/pip.log" 2>&1 || cat "$OUT/pip.log"
-t() { echo; echo "### $*"; timeout 150 "$@" 2>&1 | grep -v -i "NumbaPerformanceWarning\|warn(errors"; }
+source benchmarks/device_env.sh
 t python3 -m pytest -q -p no:cacheprovider tests/gm/test_cuda_backend.py tests/gm/test_backend.py \
     tests/flow/test_solvers.py tests/test_sampling.py -k "cuda or CUDA or backend"
 t python3 benchmarks/numba_cuda_launch.py --repeats 300

@@ -112,14 +112,20 @@ def network_time(model, batch: int, evals: int, device: str) -> tuple[float, Gau
     )
 
 
-def machinery_time(
-    name: str, gm: GaussianMixture, spectrum, batch: int, steps: int, repeats: int, device: str
-) -> float:  # type: ignore[no-untyped-def]
-    """Median seconds per step of everything but the network (replayed GM)."""
+def _run_inputs(name: str, batch: int, device: str):  # type: ignore[no-untyped-def]
+    """(sample() arguments, spectral?, fixed noise, fixed labels) of one solver's timed runs."""
     kwargs = dict(SOLVERS[name][0])
     spectral = kwargs.pop("spectral", False)
     noise = torch.randn(batch, 4, 32, 32, generator=torch.Generator().manual_seed(2)).to(device)
     labels = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(3)).to(device)
+    return kwargs, spectral, noise, labels
+
+
+def machinery_time(
+    name: str, gm: GaussianMixture, spectrum, batch: int, steps: int, repeats: int, device: str
+) -> float:  # type: ignore[no-untyped-def]
+    """Median seconds per step of everything but the network (replayed GM)."""
+    kwargs, spectral, noise, labels = _run_inputs(name, batch, device)
     times = []
     for i in range(repeats + 1):
         replay = Replay(gm, device)
@@ -146,10 +152,7 @@ def end_to_end_time(
     host-side launch time only costs where it exceeds the GPU's queue (or at a synchronisation);
     this is the step time a user sees.
     """
-    kwargs = dict(SOLVERS[name][0])
-    spectral = kwargs.pop("spectral", False)
-    noise = torch.randn(batch, 4, 32, 32, generator=torch.Generator().manual_seed(2)).to(device)
-    labels = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(3)).to(device)
+    kwargs, spectral, noise, labels = _run_inputs(name, batch, device)
     times = []
     with torch.no_grad():
         for i in range(repeats + 1):
