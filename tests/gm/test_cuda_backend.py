@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gm_cases import random_gm
 
 import gmflow.gm as G
 from gmflow.gm import backend
@@ -16,15 +17,6 @@ from gmflow.gm import backend
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 FP32 = {"rtol": 2e-4, "atol": 2e-4}
-
-
-def _random_gm(b, k, c, hw, per_component, seed):  # type: ignore[no-untyped-def]
-    g = torch.Generator().manual_seed(seed)
-    means = 1.5 * torch.randn(b, k, c, hw, hw, generator=g)
-    logweights = (2 * torch.randn(b, k, 1, hw, hw, generator=g)).log_softmax(1)
-    ks = k if per_component else 1
-    logstds = (0.05 + 1.95 * torch.rand(b, ks, 1, 1, 1, generator=g)).log()
-    return G.GaussianMixture(means, logweights, logstds).to("cuda")
 
 
 def _both(monkeypatch, fn):  # type: ignore[no-untyped-def]
@@ -39,7 +31,7 @@ def _both(monkeypatch, fn):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("per_component", [False, True])
 def test_numba_cuda_is_selected_and_compiles(per_component):
-    gm = _random_gm(2, 3, 4, 4, per_component, 0)
+    gm = random_gm(2, 3, 4, 4, torch.float32, per_component, 0).to("cuda")
     for op in backend.OPS:
         want = "numba-cuda" if op in backend._CUDA_AUTO_OPS else "torch"
         assert backend.selected_backend(op, gm.means) == want
@@ -48,7 +40,7 @@ def test_numba_cuda_is_selected_and_compiles(per_component):
 
 @pytest.mark.parametrize("per_component", [False, True])
 def test_inverse_cdf_matches_torch(monkeypatch, per_component):
-    gm = _random_gm(16, 8, 1, 8, per_component, 1)
+    gm = random_gm(16, 8, 1, 8, torch.float32, per_component, 1).to("cuda")
     u = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(2)).mul(1.99).sub(0.995)
     u = u.to("cuda")
     ref, out = _both(monkeypatch, lambda: G.gm1d_inverse_cdf(gm, u))
@@ -61,7 +53,7 @@ def test_inverse_cdf_matches_torch(monkeypatch, per_component):
 
 @pytest.mark.parametrize("per_component", [False, True])
 def test_condition_mean_matches_torch(monkeypatch, per_component):
-    gm = _random_gm(8, 8, 4, 8, per_component, 3)
+    gm = random_gm(8, 8, 4, 8, torch.float32, per_component, 3).to("cuda")
     g = torch.Generator().manual_seed(4)
     precision = (torch.rand(8, 1, 1, 1, generator=g) + 0.5).to("cuda")
     linear = torch.randn(8, 4, 8, 8, generator=g).to("cuda")
@@ -70,7 +62,7 @@ def test_condition_mean_matches_torch(monkeypatch, per_component):
 
 
 def test_logprob_matches_torch(monkeypatch):
-    gm = _random_gm(4, 8, 4, 8, True, 5)
+    gm = random_gm(4, 8, 4, 8, torch.float32, True, 5).to("cuda")
     x = torch.randn(4, 3, 4, 8, 8, generator=torch.Generator().manual_seed(6)).to("cuda")
     ref, out = _both(monkeypatch, lambda: G.gm_logprob(gm, x))
     torch.testing.assert_close(out, ref, **FP32)
@@ -78,7 +70,7 @@ def test_logprob_matches_torch(monkeypatch):
 
 def test_kernels_follow_the_current_stream(monkeypatch):
     """A kernel launched on a side stream is ordered after that stream's earlier work."""
-    gm = _random_gm(4, 8, 4, 8, False, 7)
+    gm = random_gm(4, 8, 4, 8, torch.float32, False, 7).to("cuda")
     linear = torch.randn(4, 4, 8, 8, device="cuda")
     monkeypatch.setenv(backend.ENV_VAR, "torch")
     ref = G.gm_condition_mean(gm, 1.0, linear)

@@ -13,8 +13,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from gm_cases import random_gm
 
-from gmflow.gm import GaussianMixture, backend
+from gmflow.gm import backend
 from gmflow.gm.density import gm_logprob_torch
 from gmflow.gm.inverse_cdf import _newton_torch
 from gmflow.gm.products import _condition_torch
@@ -37,15 +38,6 @@ def ck():
     from gmflow.gm import cuda_kernels
 
     return cuda_kernels
-
-
-def random_gm(b, k, c, hw, dtype, per_component, seed):
-    g = torch.Generator().manual_seed(seed)
-    means = 1.5 * torch.randn(b, k, c, hw, hw, generator=g, dtype=torch.float64)
-    logweights = (2 * torch.randn(b, k, 1, hw, hw, generator=g, dtype=torch.float64)).log_softmax(1)
-    ks = k if per_component else 1
-    logstds = (0.05 + 1.95 * torch.rand(b, ks, 1, 1, 1, generator=g, dtype=torch.float64)).log()
-    return GaussianMixture(means, logweights, logstds).to(dtype)
 
 
 def flat(gm):

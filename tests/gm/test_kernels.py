@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from gm_cases import random_gm
 from scipy import special
 
 from gmflow.gm import GaussianMixture, gm1d_inverse_cdf, gm_condition_mean, gm_logprob, kernels
@@ -15,16 +16,6 @@ from gmflow.gm.inverse_cdf import _newton_torch
 from gmflow.gm.products import _condition_torch
 
 TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-4, "atol": 1e-4}}
-
-
-def random_gm(b, k, c, hw, dtype=torch.float64, per_component=False, seed=0):
-    """Random GM: means N(0, 1.5²), random weights, s ∈ [0.05, 2]."""
-    g = torch.Generator().manual_seed(seed)
-    means = 1.5 * torch.randn(b, k, c, hw, hw, generator=g, dtype=torch.float64)
-    logweights = (2 * torch.randn(b, k, 1, hw, hw, generator=g, dtype=torch.float64)).log_softmax(1)
-    ks = k if per_component else 1
-    logstds = (0.05 + 1.95 * torch.rand(b, ks, 1, 1, 1, generator=g, dtype=torch.float64)).log()
-    return GaussianMixture(means, logweights, logstds).to(dtype)
 
 
 def flat(gm: GaussianMixture):

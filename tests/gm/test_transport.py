@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from gm_cases import random_gm
 from scipy import stats
 
 from gmflow.gm import (
@@ -18,16 +19,6 @@ from gmflow.gm import (
 from gmflow.gm.transport import _kr_basis
 
 F64 = torch.float64
-
-
-def random_gm(b, k, c, hw, dtype=F64, per_component=False, seed=0):
-    """Random GM: means N(0, 1.5²), random weights, s ∈ [0.05, 2]."""
-    g = torch.Generator().manual_seed(seed)
-    means = 1.5 * torch.randn(b, k, c, hw, hw, generator=g, dtype=F64)
-    logweights = (2 * torch.randn(b, k, 1, hw, hw, generator=g, dtype=F64)).log_softmax(1)
-    ks = k if per_component else 1
-    logstds = (0.05 + 1.95 * torch.rand(b, ks, 1, 1, 1, generator=g, dtype=F64)).log()
-    return GaussianMixture(means, logweights, logstds).to(dtype)
 
 
 def rotated(gm, x, axis_aligned):
