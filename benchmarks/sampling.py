@@ -112,35 +112,39 @@ def network_time(model, batch: int, evals: int, device: str) -> tuple[float, Gau
     )
 
 
-def _run_inputs(name: str, batch: int, device: str):  # type: ignore[no-untyped-def]
-    """(sample() arguments, spectral?, fixed noise, fixed labels) of one solver's timed runs."""
+def _per_step_time(
+    name: str, make_denoiser, spectrum, batch: int, steps: int, repeats: int, device: str
+) -> float:  # type: ignore[no-untyped-def]
+    """Median seconds per step of ``repeats`` whole ``sample`` runs of one solver (after one
+    warm-up run, which compiles kernels and warms the allocator), minus the time the denoiser
+    reports as its own (``elapsed``, when it has one)."""
     kwargs = dict(SOLVERS[name][0])
     spectral = kwargs.pop("spectral", False)
     noise = torch.randn(batch, 4, 32, 32, generator=torch.Generator().manual_seed(2)).to(device)
     labels = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(3)).to(device)
-    return kwargs, spectral, noise, labels
+    times = []
+    for i in range(repeats + 1):
+        denoiser = make_denoiser()
+        gen = torch.Generator(device=device).manual_seed(4)
+        _sync(device)
+        t0 = time.perf_counter()
+        sample(
+            denoiser, noise, num_steps=steps, guidance_scale=0.45, null_class_id=1000,
+            class_labels=labels, generator=gen, spectrum_net=spectrum if spectral else None,
+            **kwargs,
+        )  # fmt: skip
+        _sync(device)
+        if i > 0 or repeats == 0:
+            own = getattr(denoiser, "elapsed", 0.0)
+            times.append((time.perf_counter() - t0 - own) / steps)
+    return statistics.median(times)
 
 
 def machinery_time(
     name: str, gm: GaussianMixture, spectrum, batch: int, steps: int, repeats: int, device: str
 ) -> float:  # type: ignore[no-untyped-def]
     """Median seconds per step of everything but the network (replayed GM)."""
-    kwargs, spectral, noise, labels = _run_inputs(name, batch, device)
-    times = []
-    for i in range(repeats + 1):
-        replay = Replay(gm, device)
-        gen = torch.Generator(device=device).manual_seed(4)
-        _sync(device)
-        t0 = time.perf_counter()
-        sample(
-            replay, noise, num_steps=steps, guidance_scale=0.45, null_class_id=1000,
-            class_labels=labels, generator=gen, spectrum_net=spectrum if spectral else None,
-            **kwargs,
-        )  # fmt: skip
-        _sync(device)
-        if i > 0 or repeats == 0:  # the first run compiles kernels and warms the allocator
-            times.append((time.perf_counter() - t0 - replay.elapsed) / steps)
-    return statistics.median(times)
+    return _per_step_time(name, lambda: Replay(gm, device), spectrum, batch, steps, repeats, device)
 
 
 def end_to_end_time(
@@ -152,28 +156,23 @@ def end_to_end_time(
     host-side launch time only costs where it exceeds the GPU's queue (or at a synchronisation);
     this is the step time a user sees.
     """
-    kwargs, spectral, noise, labels = _run_inputs(name, batch, device)
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            gen = torch.Generator(device=device).manual_seed(4)
-            _sync(device)
-            t0 = time.perf_counter()
-            sample(
-                model, noise, num_steps=steps, guidance_scale=0.45, null_class_id=1000,
-                class_labels=labels, generator=gen, spectrum_net=spectrum if spectral else None,
-                **kwargs,
-            )  # fmt: skip
-            _sync(device)
-            if i > 0 or repeats == 0:
-                times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
+    return _per_step_time(name, lambda: model, spectrum, batch, steps, repeats, device)
+
+
+def _solver_keys(arg: str) -> list[str]:
+    """--solvers items as SOLVERS keys ("gm-ode2" -> "gm-ode2 (S=4)")."""
+    short = {key.split(" ")[0]: key for key in SOLVERS}
+    return [short.get(n, n) for n in arg.split(",")]
+
+
+def _verdict(name: str, ratio: float) -> str:
+    target = TARGETS.get(name)
+    return "" if target is None else f"<= {target:.0%} {'met' if ratio <= target else 'MISSED'}"
 
 
 def print_end_to_end(args, model, spectrum, t_net: float) -> None:  # type: ignore[no-untyped-def]
     """The second table: whole steps with the network, against the network alone and Euler."""
-    short = {key.split(" ")[0]: key for key in SOLVERS}
-    names = [short.get(n, n) for n in args.solvers.split(",")]
+    names = _solver_keys(args.solvers)
     e2e = {
         n: end_to_end_time(n, model, spectrum, args.batch, args.steps, args.repeats, args.device)
         for n in dict.fromkeys(["euler", *names])
@@ -188,13 +187,9 @@ def print_end_to_end(args, model, spectrum, t_net: float) -> None:  # type: igno
         evals = SOLVERS[name][1] or (2 * args.steps - 1) / args.steps
         over = e2e[name] - evals * t_net
         ratio = over / (evals * t_net)
-        target = TARGETS.get(name)
-        verdict = (
-            "" if target is None else f"<= {target:.0%} {'met' if ratio <= target else 'MISSED'}"
-        )
         print(
             f"| {name} | {e2e[name] * 1e3:.2f} | {evals * t_net * 1e3:.2f} | {over * 1e3:.2f} | "
-            f"{ratio:.2%} | {e2e[name] / e2e['euler'] - 1:+.2%} | {verdict} |",
+            f"{ratio:.2%} | {e2e[name] / e2e['euler'] - 1:+.2%} | {_verdict(name, ratio)} |",
             flush=True,
         )
 
@@ -263,18 +258,13 @@ def main() -> None:
     )
     print(" target |")
     print("|---|---:|---:|---:|---:|---:|")
-    short = {key.split(" ")[0]: key for key in SOLVERS}  # "gm-ode2" -> "gm-ode2 (S=4)"
-    for name in (short.get(n, n) for n in args.solvers.split(",")):
+    for name in _solver_keys(args.solvers):
         evals = SOLVERS[name][1] or (2 * args.steps - 1) / args.steps
         t_gm = machinery_time(name, gm, spectrum, args.batch, args.steps, args.repeats, args.device)
         ratio = t_gm / (evals * t_net)
-        target = TARGETS.get(name)
-        verdict = (
-            "" if target is None else f"<= {target:.0%} {'met' if ratio <= target else 'MISSED'}"
-        )
         print(
             f"| {name} | {evals:.2f} | {evals * t_net * 1e3:.1f} | {t_gm * 1e3:.2f} | "
-            f"{ratio:.2%} | {verdict} |",
+            f"{ratio:.2%} | {_verdict(name, ratio)} |",
             flush=True,
         )
     if args.end_to_end:

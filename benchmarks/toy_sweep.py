@@ -63,44 +63,28 @@ VARIANTS: dict[str, list[str]] = {
     "lr1e-3-d256": ANCHOR + ["optim.lr=1e-3", "optim.warmup_steps=200", "model.hidden_dim=256"],
     "lr2e-3-d256": ANCHOR + ["optim.lr=2e-3", "optim.warmup_steps=400", "model.hidden_dim=256"],
 }
+
+
+def _default_variant(width: int, lr: str, precision: str) -> list[str]:
+    """1500 steps with a 200-step warm-up; fp32 runs score GM-ODE with the paper's 128 fine steps
+    (as run on the H100), bf16 runs with the CPU default's 32."""
+    fine_steps = 128 if precision == "fp32" else 32
+    return [
+        f"model.hidden_dim={width}",
+        "train.max_steps=1500",
+        f"optim.lr={lr}",
+        "optim.warmup_steps=200",
+        f"train.precision={precision}",
+        f"toy.eval.precision={precision}",
+        f"toy.eval.gm_ode_fine_steps={fine_steps}",
+    ]
+
+
 DEFAULT_VARIANTS: dict[str, list[str]] = {  # candidates for the CPU default of `gmflow toy`
-    "d256-1500": [  # as run on the H100 (fp32, the paper's 128 fine GM-ODE steps)
-        "model.hidden_dim=256",
-        "train.max_steps=1500",
-        "optim.lr=1e-3",
-        "optim.warmup_steps=200",
-        "train.precision=fp32",
-        "toy.eval.precision=fp32",
-        "toy.eval.gm_ode_fine_steps=128",
-    ],
-    "d128-1500": [  # as run on the H100 (fp32, the paper's 128 fine GM-ODE steps)
-        "model.hidden_dim=128",
-        "train.max_steps=1500",
-        "optim.lr=2e-3",
-        "optim.warmup_steps=200",
-        "train.precision=fp32",
-        "toy.eval.precision=fp32",
-        "toy.eval.gm_ode_fine_steps=128",
-    ],
-    "d128-1500-bf16": [
-        "model.hidden_dim=128",
-        "train.max_steps=1500",
-        "optim.lr=2e-3",
-        "optim.warmup_steps=200",
-        "train.precision=bf16",
-        "toy.eval.precision=bf16",
-        "toy.eval.gm_ode_fine_steps=32",
-    ],
-    "d128-1500-bf16-g3": [
-        "model.hidden_dim=128",
-        "train.max_steps=1500",
-        "optim.lr=2e-3",
-        "optim.warmup_steps=200",
-        "train.precision=bf16",
-        "toy.eval.precision=bf16",
-        "toy.eval.gm_ode_fine_steps=32",
-        "ema.gamma=3",
-    ],
+    "d256-1500": _default_variant(256, "1e-3", "fp32"),
+    "d128-1500": _default_variant(128, "2e-3", "fp32"),
+    "d128-1500-bf16": _default_variant(128, "2e-3", "bf16"),
+    "d128-1500-bf16-g3": [*_default_variant(128, "2e-3", "bf16"), "ema.gamma=3"],
 }
 CELLS = [
     ("gm-sde2", 2),

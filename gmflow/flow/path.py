@@ -53,6 +53,11 @@ def _as_level(value: Sigma, ref: Tensor | None = None) -> Tensor:
     )
 
 
+def _are_numbers(*levels: Sigma) -> bool:
+    """All levels are Python numbers (the samplers' grids), so their maths can stay in Python."""
+    return all(isinstance(v, float | int) and not isinstance(v, bool) for v in levels)
+
+
 def _per_sample(level: Tensor, event_dims: int) -> Tensor:
     """Reshape a level of shape (...) to (..., 1 × event_dims) so it broadcasts per sample."""
     return level if level.dim() == 0 else level.reshape(*level.shape, *([1] * event_dims))
@@ -275,7 +280,7 @@ def _reconditioning_terms(
     Python-float levels (the samplers' grids) give a float ζ and ν in two tensor ops: the GM-ODE
     sub-steps run this at every sub-step, and on a GPU each op is a kernel launch.
     """
-    if all(isinstance(v, float | int) and not isinstance(v, bool) for v in (sigma_src, sigma_t)):
+    if _are_numbers(sigma_src, sigma_t):
         s_src, s_t = max(float(sigma_src), SIGMA_FLOOR), max(float(sigma_t), SIGMA_FLOOR)
         c_src, c_t = (1 - s_src) / s_src**2, (1 - s_t) / s_t**2
         precision = ((1 - s_t) / s_t) ** 2 - ((1 - s_src) / s_src) ** 2

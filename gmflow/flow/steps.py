@@ -12,14 +12,10 @@ import math
 import torch
 from torch import Tensor
 
-from gmflow.flow.path import SIGMA_FLOOR, Sigma, _as_level, _per_sample
+from gmflow.flow.path import SIGMA_FLOOR, Sigma, _are_numbers, _as_level, _per_sample
 from gmflow.gm.mixture import gm_dtype
 
 __all__ = ["flow_euler_step", "flow_sde_step", "default_num_substeps"]
-
-
-def _both_floats(*levels: Sigma) -> bool:
-    return all(isinstance(v, float | int) and not isinstance(v, bool) for v in levels)
 
 
 def flow_euler_step(x_t: Tensor, x0_hat: Tensor, sigma: Sigma, sigma_next: Sigma) -> Tensor:
@@ -36,7 +32,7 @@ def flow_euler_step(x_t: Tensor, x0_hat: Tensor, sigma: Sigma, sigma_next: Sigma
     Returns:
         x at σ'.
     """
-    if _both_floats(sigma, sigma_next):  # the samplers' grids: one fused op (a launch on GPUs)
+    if _are_numbers(sigma, sigma_next):  # the samplers' grids: one fused op (a launch on GPUs)
         ratio = float(sigma_next) / max(float(sigma), SIGMA_FLOOR)
         dtype = torch.promote_types(gm_dtype(x_t.dtype), x0_hat.dtype)
         return torch.lerp(x0_hat.to(dtype), x_t.to(dtype), ratio)
@@ -71,7 +67,7 @@ def flow_sde_step(
     Returns:
         x at σ'.
     """
-    if _both_floats(sigma, sigma_next):  # the same maths as coefficients of x, x̂0 and z
+    if _are_numbers(sigma, sigma_next):  # the same maths as coefficients of x, x̂0 and z
         s, s_next = float(sigma), float(sigma_next)
         a, a_next = 1 - s, 1 - s_next
         m = (s_next * a / max(s * a_next, SIGMA_FLOOR)) ** (diffusion**2)
