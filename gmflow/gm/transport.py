@@ -14,9 +14,11 @@ Bases: ``axis_aligned=True`` uses one V per sample, from the covariance Σ_p = �
 Σ_k A_k s_k² I averaged over the sample's pixels (the KR axes the spectrum MLP of spec 9 refers to);
 ``axis_aligned=False`` uses one V per pixel. V is computed without gradient, in the GM maths dtype
 (fp64 for fp64 inputs, where the spec says fp32: the basis is only a choice of coordinates, and
-fp64 keeps the fp64 round trip exact). With ``axis_aligned`` the Gaussian side lives in the rotated
-coordinates (the forward map returns z̃, the inverse takes z̃); otherwise it is rotated back,
-z = V z̃.
+fp64 keeps the fp64 round trip exact), by :func:`gmflow.gm.eigh.eigh_descending`: LAPACK on CPU, a
+sync-free Jacobi method on the GPU, each eigenvector with a canonical sign (largest entry
+positive), so both devices pick the same basis. With ``axis_aligned`` the Gaussian side lives in
+the rotated coordinates (the forward map returns z̃, the inverse takes z̃); otherwise it is rotated
+back, z = V z̃.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from gmflow.gm._checks import check_gm_event, promote_gm
 from gmflow.gm._shapes import broadcast_shapes
+from gmflow.gm.eigh import eigh_descending
 from gmflow.gm.inverse_cdf import gm1d_inverse_cdf, gm1d_pdf_cdf
 from gmflow.gm.mixture import GaussianMixture
 from gmflow.gm.moments import gm_to_gaussian
@@ -60,7 +63,7 @@ def _kr_basis(gm: GaussianMixture, axis_aligned: bool) -> Tensor:
         cov = gm_to_gaussian(gm.detach()).cov  # (..., H, W, C, C)
         if axis_aligned:
             cov = cov.mean(dim=(-4, -3))  # (..., C, C)
-        return torch.linalg.eigh(cov).eigenvectors.flip(-1)
+        return eigh_descending(cov)[1]
 
 
 def _rotate(v: Tensor, t: Tensor, axis_aligned: bool, transpose: bool) -> Tensor:
