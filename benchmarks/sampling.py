@@ -218,7 +218,20 @@ def main() -> None:
         help="comma-separated ops the automatic GM backend runs as numba-cuda kernels "
         "(default: gmflow's choice); 'none' = torch for every op",
     )
+    p.add_argument(
+        "--kr-eigh",
+        choices=("auto", "jacobi", "lapack"),
+        default="auto",
+        help="eigen-decomposition of the KR basis in spectral sampling: gmflow's choice (numba-cuda"
+        " kernel on CUDA), the torch Jacobi, or torch.linalg.eigh (synchronises on CUDA)",
+    )
     args = p.parse_args()
+    if args.kr_eigh != "auto":
+        import functools
+
+        from gmflow.gm import eigh, transport
+
+        transport.eigh_descending = functools.partial(eigh.eigh_descending, method=args.kr_eigh)
     if args.cuda_kernels is not None:
         from gmflow.gm import backend as gm_backend
 
@@ -239,6 +252,7 @@ def main() -> None:
     backend = os.environ.get("GMFLOW_GM_BACKEND", "auto")
     if args.cuda_kernels is not None:
         backend += f" (numba-cuda for: {args.cuda_kernels})"
+    backend += f", KR eigh {args.kr_eigh}"
     print(
         f"GM-DiT {args.preset} K={args.num_gaussians}, batch {args.batch} guided (network batch "
         f"{2 * args.batch}), {args.dtype} weights, {args.device}, {args.threads} threads, GM "

@@ -1,9 +1,11 @@
 """Backend selection for the hot GM operations, in one place (spec 7.15).
 
-Three backends implement ``gm1d_inverse_cdf``, ``gm_condition_mean`` and ``gm_logprob``:
+Three backends implement ``gm1d_inverse_cdf``, ``gm_condition_mean`` and ``gm_logprob``
+(``symmetric_eigh``, the KR basis, has a numba-cuda kernel and torch; see ``CUDA_ONLY_OPS``):
 
 * ``torch`` — the reference that defines the maths: any device, differentiable.
-* ``numba-cuda`` — :mod:`gmflow.gm.cuda_kernels`, for CUDA tensors without autograd.
+* ``numba-cuda`` — :mod:`gmflow.gm.cuda_kernels` (and :mod:`gmflow.gm.cuda_eigh`), for CUDA
+  tensors without autograd.
 * ``numba-cpu`` — :mod:`gmflow.gm.kernels` (``@njit(parallel=True)``), for CPU tensors without
   autograd, chosen automatically only for the ops where it measurably beats torch.
 
@@ -33,10 +35,13 @@ from torch import Tensor
 from gmflow.errors import ConfigError
 from gmflow.gm._shapes import broadcast_shapes
 
-__all__ = ["ENV_VAR", "OPS", "kernel_for", "requested_backend", "selected_backend"]
+__all__ = ["ENV_VAR", "OPS", "CUDA_ONLY_OPS", "kernel_for", "requested_backend", "selected_backend"]
 
 ENV_VAR = "GMFLOW_GM_BACKEND"
 OPS = ("gm1d_inverse_cdf", "gm_condition_mean", "gm_logprob")
+# Ops with a numba-cuda kernel and no numba-cpu twin: off CUDA they always run their torch path
+# (``symmetric_eigh``: LAPACK on CPU, see gmflow.gm.eigh), whatever GMFLOW_GM_BACKEND says.
+CUDA_ONLY_OPS = ("symmetric_eigh",)
 
 # numba-cpu is the automatic CPU choice for every op where it measurably beats torch in
 # ``python benchmarks/gm_ops.py --threads 1`` (2-core CPU sandbox, otherwise idle; fp32, no grad;
@@ -59,7 +64,9 @@ _CPU_AUTO_OPS = frozenset(OPS)
 # A numba-cuda launch costs ~0.4-0.6 ms of host time (argument typing and array wrapping), more
 # than torch's few fused launches of the one-pass ops; the Newton loop replaces ~200 torch launches.
 # GMFLOW_GM_BACKEND=numba still forces every kernel (benchmarks/sampling.py --cuda-kernels too).
-_CUDA_AUTO_OPS = frozenset({"gm1d_inverse_cdf"})
+# symmetric_eigh (the KR basis of spectral sampling, gmflow.gm.cuda_eigh): one launch instead of
+# the ~250 small kernels of the sync-free torch Jacobi (C = 4); not yet timed on a GPU.
+_CUDA_AUTO_OPS = frozenset({"gm1d_inverse_cdf", "symmetric_eigh"})
 
 
 def requested_backend() -> str:
@@ -110,7 +117,22 @@ def _probe_inputs(op: str, device: torch.device) -> tuple[Tensor, ...]:
             f(1, 2, 1, 1),
             1e-6,
         )
+    if op == "symmetric_eigh":
+        return (torch.tensor([[2.0, 1.0], [1.0, 2.0]], device=device),)
     return (f(1, 2, 2, 1, 1), f(1, 2, 1, 1, 1), f(1, 1, 1, 1, 1), f(1, 1, 2, 1, 1))
+
+
+def _check_probe(op: str, result: object) -> None:
+    """Raise if a probe's result is wrong (only ops whose probe has a known closed-form answer)."""
+    if op == "symmetric_eigh":
+        values, vectors = result  # type: ignore[misc]
+        r = math.sqrt(0.5)
+        expected = torch.tensor([[r, r], [r, -r]], device=vectors.device)
+        if not (
+            torch.allclose(values.cpu(), torch.tensor([3.0, 1.0]), atol=1e-5)
+            and torch.allclose(vectors, expected, atol=1e-5)
+        ):
+            raise RuntimeError(f"wrong eigen-decomposition of [[2, 1], [1, 2]]: {result}")
 
 
 _CUDA_FAILURES: dict[str, str] = {}
@@ -130,8 +152,10 @@ def _cuda_op_works(op: str) -> bool:
         if not _numba_cuda_usable():
             _CUDA_FAILURES[op] = "numba.cuda finds no usable GPU"
             return False
-        _WRAPPERS[op](_launcher(op, "numba-cuda"), *_probe_inputs(op, torch.device("cuda")))
+        inputs = _probe_inputs(op, torch.device("cuda"))
+        result = _WRAPPERS[op](_launcher(op, "numba-cuda"), *inputs)
         torch.cuda.synchronize()
+        _check_probe(op, result)
         return True
     except Exception as err:  # noqa: BLE001 - any compile/launch failure means "use torch"
         _CUDA_FAILURES[op] = f"{type(err).__name__}: {err}"
@@ -148,16 +172,16 @@ def selected_backend(op: str, *tensors: Tensor) -> str:
     """Return 'torch', 'numba-cpu' or 'numba-cuda': the backend ``op`` runs on for these inputs.
 
     Args:
-        op: one of ``OPS``.
+        op: one of ``OPS`` or ``CUDA_ONLY_OPS``.
         *tensors: the op's tensor inputs (already promoted to the GM maths dtype).
 
     Raises:
         ConfigError: ``GMFLOW_GM_BACKEND`` is invalid, or forces numba where it cannot run.
     """
-    if op not in OPS:
-        raise ValueError(f"kernel_for: unknown op {op!r}; expected one of {OPS}")
+    if op not in OPS + CUDA_ONLY_OPS:
+        raise ValueError(f"kernel_for: unknown op {op!r}; expected one of {OPS + CUDA_ONLY_OPS}")
     choice = requested_backend()
-    if choice == "torch":
+    if choice == "torch" or (op in CUDA_ONLY_OPS and any(t.device.type != "cuda" for t in tensors)):
         return "torch"
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     devices = {t.device for t in tensors}
@@ -207,6 +231,8 @@ def kernel_for(op: str, *tensors: Tensor) -> Callable[..., Tensor] | None:
     * ``gm_condition_mean``: (means, logweights, logstds, precision, linear, eps); returns
       (..., C, H, W).
     * ``gm_logprob``: (means, logweights, logstds, x); returns (..., n, H, W).
+    * ``symmetric_eigh``: (a,) with a (..., C, C); returns (eigenvalues (..., C) descending,
+      eigenvectors (..., C, C) with canonical signs), as :func:`gmflow.gm.eigh.eigh_descending`.
 
     Raises:
         ConfigError: see :func:`selected_backend`.
@@ -227,9 +253,9 @@ def kernel_for(op: str, *tensors: Tensor) -> Callable[..., Tensor] | None:
 
 def _launcher(op: str, backend: str) -> Callable[..., None]:
     if backend == "numba-cuda":
-        from gmflow.gm import cuda_kernels
+        from gmflow.gm import cuda_eigh, cuda_kernels
 
-        return getattr(cuda_kernels, f"{op}_cuda")
+        return getattr(cuda_eigh if op in CUDA_ONLY_OPS else cuda_kernels, f"{op}_cuda")
     from gmflow.gm import kernels
 
     kernel = getattr(kernels, f"{op}_kernel")
@@ -302,8 +328,20 @@ def _logprob(launch, means, logweights, logstds, x):  # type: ignore[no-untyped-
     return out.reshape(*batch, n_samples, h, w)
 
 
+def _symmetric_eigh(launch, a):  # type: ignore[no-untyped-def]
+    from gmflow.gm.cuda_eigh import MAX_SWEEPS
+
+    c = a.shape[-1]
+    work = a.reshape(-1, c, c).clone(memory_format=torch.contiguous_format)  # destroyed
+    values = work.new_empty(work.shape[:-1])  # (N, C)
+    vectors = torch.empty_like(work)  # (N, C, C)
+    launch(work, values, vectors, MAX_SWEEPS)
+    return values.reshape(a.shape[:-1]), vectors.reshape(a.shape)
+
+
 _WRAPPERS = {
     "gm1d_inverse_cdf": _inverse_cdf,
     "gm_condition_mean": _condition_mean,
     "gm_logprob": _logprob,
+    "symmetric_eigh": _symmetric_eigh,
 }

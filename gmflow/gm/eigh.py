@@ -4,8 +4,9 @@ The KR basis of spectral sampling is the eigenbasis of a C×C covariance (C = 4 
 latents), computed once per sampler step. ``torch.linalg.eigh`` on CUDA reads its solver's error
 flag back to the host, which stalls the host until the GPU has finished all queued work (the
 network evaluation), so the rest of the step can no longer be queued behind it. On CUDA (and any
-non-CPU device) :func:`eigh_descending` therefore runs a cyclic Jacobi method in plain torch
-tensor ops, with a fixed number of sweeps: nothing is read back.
+non-CPU device) :func:`eigh_descending` therefore runs a cyclic Jacobi method that reads nothing
+back: one numba-cuda kernel (:mod:`gmflow.gm.cuda_eigh`, one thread per matrix) where numba-cuda
+works, else plain torch tensor ops with a fixed number of sweeps (:func:`jacobi_eigh`).
 
 Parallel (round-robin) Jacobi: with the size padded to even n, each sweep has n − 1 rounds; a
 round rotates n/2 disjoint index pairs at once, and over a sweep every pair of indices meets
@@ -33,6 +34,8 @@ import math
 import torch
 from torch import Tensor
 
+from gmflow.gm import backend as _backend
+
 __all__ = ["eigh_descending", "jacobi_eigh", "default_sweeps"]
 
 
@@ -49,13 +52,15 @@ def default_sweeps(n: int, dtype: torch.dtype) -> int:
 
 
 @functools.cache
-def _rounds(n: int, device: torch.device) -> tuple[tuple[Tensor, Tensor, Tensor], ...]:
+def _rounds(
+    n: int, device: torch.device, dtype: torch.dtype
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], ...]:
     """The n − 1 rounds of a sweep (circle method): index 0 stays, the others rotate one place.
 
-    Round r pairs ring[i] with ring[n − 1 − i]. Per round: ``partner`` (n,); the flat index of
-    a_pq (p < q) in the flattened matrix, for both members of the pair: they must read the same
-    entry (the updated A is symmetric only to rounding), or J would not be orthogonal; and σ (n,),
-    +1 for the first index p of each pair and −1 for the second q.
+    Round r pairs ring[i] with ring[n − 1 − i]. Per round: ``partner`` (n,); ``flat``, the index
+    of a_pq (p < q) in the flattened matrix for both members of the pair (they must read the same
+    entry: the updated A is symmetric only to rounding, and J would not be orthogonal); σ/2 and −σ
+    (n,) in ``dtype``, with σ = +1 for the first index p of each pair and −1 for the second q.
     """
     rounds = []
     for r in range(n - 1):
@@ -65,24 +70,28 @@ def _rounds(n: int, device: torch.device) -> tuple[tuple[Tensor, Tensor, Tensor]
             p, q = ring[i], ring[n - 1 - i]
             partner[p], partner[q], sigma[p], sigma[q] = q, p, 1.0, -1.0
         flat = [min(i, j) * n + max(i, j) for i, j in enumerate(partner)]
-        rounds.append(tuple(torch.tensor(x, device=device) for x in (partner, flat, sigma)))
+        sig = torch.tensor(sigma, device=device, dtype=dtype)
+        index = [torch.tensor(x, device=device) for x in (partner, flat)]
+        rounds.append((*index, 0.5 * sig, -sig))
     return tuple(rounds)
 
 
-def _jacobi_round(a: Tensor, v: Tensor, partner: Tensor, flat: Tensor, sigma: Tensor):
+def _jacobi_round(a: Tensor, v: Tensor, partner: Tensor, flat: Tensor, half_sigma: Tensor,
+                  neg_sigma: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
     """One round: rotate every pair (p, q) of the round at once; returns (Jᵀ A J, V J).
 
-    Per index i (member of the pair (p, q)): δ = a_qq − a_pp, t as in the module docstring,
+    Per index i (member of the pair (p, q)), with the module docstring's t written in halves,
+    t = a_pq / (δ + sign(δ)·hypot(δ, a_pq)), δ = (a_qq − a_pp)/2 (the same at p and q):
     c_i = 1/√(1 + t²) and s_i = −σ_i·t·c, so that (A J)[:, i] = c_i A[:, i] + s_i A[:, partner(i)]
     (J[p, p] = J[q, q] = c, J[q, p] = −s, J[p, q] = s), and likewise on the rows.
     """
     diag = torch.diagonal(a, dim1=-2, dim2=-1)
-    delta = (diag.index_select(-1, partner) - diag) * sigma  # a_qq − a_pp at both p and q
-    two_apq = a.flatten(-2).index_select(-1, flat) * 2
+    delta = (diag.index_select(-1, partner) - diag) * half_sigma  # (a_qq − a_pp)/2 at p and q
+    apq = a.flatten(-2).index_select(-1, flat)
     tiny = torch.finfo(a.dtype).tiny  # 0/0 -> 0 (no rotation) for an already diagonal pair
-    t = two_apq / (delta + torch.copysign(torch.hypot(delta, two_apq) + tiny, delta))
+    t = apq / (delta + torch.copysign(torch.hypot(delta, apq) + tiny, delta))
     c = torch.rsqrt(t * t + 1)
-    s = t * c * -sigma
+    s = t * c * neg_sigma
     c_col, s_col = c.unsqueeze(-2), s.unsqueeze(-2)
     aj = torch.addcmul(a * c_col, a.index_select(-1, partner), s_col)
     a = torch.addcmul(aj * c.unsqueeze(-1), aj.index_select(-2, partner), s.unsqueeze(-1))
@@ -118,10 +127,10 @@ def jacobi_eigh(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     if n != c:  # odd C: a decoupled last index (zero row and column) that never rotates
         a = torch.nn.functional.pad(a, (0, 1, 0, 1))
     v = torch.eye(n, dtype=a.dtype, device=a.device).expand(a.shape).clone()
-    rounds = [(p, f, sg.to(a.dtype)) for p, f, sg in _rounds(n, a.device)]
+    rounds = _rounds(n, a.device, a.dtype)
     for _ in range(sweeps):
-        for partner, flat, sigma in rounds:
-            a, v = _jacobi_round(a, v, partner, flat, sigma)
+        for constants in rounds:
+            a, v = _jacobi_round(a, v, *constants)
     values = torch.diagonal(a, dim1=-2, dim2=-1)[..., :c]
     values, v = _sorted_descending(values, v[..., :c, :c])
     return values, _canonical_signs(v)
@@ -135,8 +144,10 @@ def eigh_descending(
     Args:
         a: (..., C, C) symmetric, fp32 or fp64.
         method: "lapack" (``torch.linalg.eigh``: exact, but synchronises on CUDA), "jacobi"
-            (:func:`jacobi_eigh`: sync-free), or "auto": LAPACK on CPU, Jacobi elsewhere.
-        sweeps: Jacobi sweeps (default by dtype).
+            (:func:`jacobi_eigh`: sync-free), or "auto": LAPACK on CPU; elsewhere the numba-cuda
+            kernel of :mod:`gmflow.gm.cuda_eigh` where the GM backend selects it
+            (``GMFLOW_GM_BACKEND``, :mod:`gmflow.gm.backend`), else :func:`jacobi_eigh`.
+        sweeps: sweeps of :func:`jacobi_eigh` (default by size and dtype).
 
     Returns:
         (eigenvalues (..., C), eigenvectors (..., C, C)); column i belongs to eigenvalue i.
@@ -149,7 +160,10 @@ def eigh_descending(
         raise ValueError(
             f"eigh_descending: method must be 'auto', 'lapack' or 'jacobi', got {method!r}"
         )
-    if method == "jacobi" or (method == "auto" and a.device.type != "cpu"):
+    if method == "auto" and a.device.type != "cpu":
+        kernel = _backend.kernel_for("symmetric_eigh", a)
+        return kernel(a) if kernel is not None else jacobi_eigh(a, sweeps)
+    if method == "jacobi":
         return jacobi_eigh(a, sweeps)
     values, vectors = torch.linalg.eigh(a)
     return values.flip(-1), _canonical_signs(vectors.flip(-1))

@@ -75,6 +75,27 @@ def test_auto_on_cuda_uses_kernels_only_where_they_beat_torch(auto, monkeypatch)
     assert backend.selected_backend("gm_condition_mean", cuda()) == "numba-cuda"
 
 
+@pytest.mark.parametrize("env", ["auto", "numba", "torch"])
+def test_cuda_only_ops_use_torch_off_cuda(monkeypatch, env):
+    """symmetric_eigh has no numba-cpu kernel: LAPACK on CPU, whatever the variable says."""
+    monkeypatch.setenv(backend.ENV_VAR, env)
+    assert backend.selected_backend("symmetric_eigh", cpu()) == "torch"
+    assert backend.selected_backend("symmetric_eigh", torch.zeros(2, device="meta")) == "torch"
+    assert backend.kernel_for("symmetric_eigh", cpu()) is None
+    monkeypatch.setattr(backend, "_cuda_op_works", lambda op: True)
+    want = "torch" if env == "torch" else "numba-cuda"
+    assert backend.selected_backend("symmetric_eigh", cuda()) == want
+
+
+def test_eigh_probe_checks_the_answer():
+    r = 0.5**0.5
+    good = (torch.tensor([3.0, 1.0]), torch.tensor([[r, r], [r, -r]]))
+    backend._check_probe("symmetric_eigh", good)
+    for bad in ((good[0].flip(0), good[1]), (good[0], -good[1])):  # order, canonical sign
+        with pytest.raises(RuntimeError, match="wrong eigen-decomposition"):
+            backend._check_probe("symmetric_eigh", bad)
+
+
 @pytest.fixture
 def fresh_probe(monkeypatch):
     backend._cuda_op_works.cache_clear()
@@ -100,6 +121,17 @@ def test_a_numba_cuda_kernel_that_cannot_compile_falls_back_to_torch(
     monkeypatch.setenv(backend.ENV_VAR, "numba")
     with pytest.raises(ConfigError, match="kernel cannot run.*row_stack"):
         backend.selected_backend("gm1d_inverse_cdf", cuda())
+
+
+def test_a_numba_cuda_kernel_with_a_wrong_answer_falls_back_to_torch(
+    auto, monkeypatch, fresh_probe
+):
+    monkeypatch.setattr(backend, "_numba_cuda_usable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(backend, "_probe_inputs", lambda op, device: (torch.eye(2),))
+    monkeypatch.setitem(backend._WRAPPERS, "symmetric_eigh", lambda launch, a: (a[0], a))
+    with pytest.warns(RuntimeWarning, match="symmetric_eigh cannot run here.*wrong eigen"):
+        assert backend.selected_backend("symmetric_eigh", cuda()) == "torch"
 
 
 def test_env_torch_forces_the_reference(monkeypatch):

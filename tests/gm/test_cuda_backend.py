@@ -83,3 +83,40 @@ def test_kernels_follow_the_current_stream(monkeypatch):
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     torch.testing.assert_close(out, ref, **FP32)
+
+
+@pytest.mark.parametrize("env", ["auto", "torch"])  # numba-cuda kernel / torch Jacobi
+def test_kr_basis_matches_lapack(monkeypatch, env):
+    from gmflow.gm.eigh import eigh_descending
+
+    monkeypatch.setenv(backend.ENV_VAR, env)
+    x = torch.randn(64, 4, 6, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    a = x @ x.transpose(-1, -2)
+    ref_values, ref_vectors = eigh_descending(a, method="lapack")
+    values, vectors = eigh_descending(a.float().cuda())
+    want = "numba-cuda" if env == "auto" else "torch"
+    assert backend.selected_backend("symmetric_eigh", a.cuda()) == want
+    torch.testing.assert_close(values.cpu().double(), ref_values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vectors.cpu().double(), ref_vectors, rtol=0, atol=5e-4)
+
+
+@pytest.mark.parametrize("env", ["auto", "torch"])
+def test_spectral_sampling_never_waits_for_the_gpu(monkeypatch, env):
+    """No CUDA tensor is read back (torch.linalg.eigh would: it checks its error flag on the
+    host), so the sampler keeps queueing work behind the network."""
+    from gmflow.flow.spectral import spectral_sample
+
+    monkeypatch.setenv(backend.ENV_VAR, env)
+    gm = random_gm(4, 8, 4, 8, torch.float32, False, 9).to("cuda")
+    lam = 0.3 * torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(10)).to("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    spectral_sample(gm, lam, gen)  # warm-up: kernel compiles and probes synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = spectral_sample(gm, lam, gen)
+        with pytest.raises(RuntimeError):  # the check itself works
+            torch.ones(1, device="cuda").item()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert bool(torch.isfinite(x).all())

@@ -41,8 +41,9 @@ def _orthonormality_error(vectors):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("n", [2, 4, 6, 8, 16])
 def test_every_pair_is_rotated_once_per_sweep(n):
     pairs = []
-    for partner, flat, sigma in _rounds(n, torch.device("cpu")):
-        partner, flat, sigma = partner.tolist(), flat.tolist(), sigma.tolist()
+    for partner, flat, half_sigma, neg_sigma in _rounds(n, torch.device("cpu"), F64):
+        partner, flat, sigma = partner.tolist(), flat.tolist(), (-neg_sigma).tolist()
+        assert (2 * half_sigma).tolist() == sigma
         assert sorted(partner) == list(range(n)) and all(partner[partner[i]] == i for i in range(n))
         firsts = [i for i in range(n) if sigma[i] == 1.0]
         assert len(firsts) == n // 2 and all(sigma[partner[p]] == -1.0 for p in firsts)
