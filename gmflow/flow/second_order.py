@@ -71,7 +71,8 @@ def second_order_correction(
     Exact identities where the reference only approximates them (spec 8.3 caveat, 15.11): the
     product is exact for small biases (no 1e-6 floor on the ratio's normaliser); the clip factor is
     sqrt(v̄/P) exactly when P > v̄ (no floor on P); and when no bias is imposed (P = 0 for every
-    sample, e.g. γ = 0 without guidance) the inputs are returned unchanged.
+    sample, e.g. γ = 0 without guidance) the inputs are returned unchanged (on CPU; on other
+    devices, to rounding: checking P would synchronise the host).
 
     Args:
         gm_x0: the current x0-GM after guidance, means (B, K, C, H, W), logstds (B, 1, 1, 1, 1).
@@ -111,7 +112,9 @@ def second_order_correction(
     if guide_bias is not None:
         bias = bias + guide_bias
     power = _inner(bias, bias)  # P, pre-clip
-    if guidance is None and bool((power == 0).all()):
+    # the exact shortcut reads P back: CPU only; on a GPU the product below returns the inputs to
+    # rounding instead, without stalling the host behind the queued network
+    if guidance is None and power.device.type == "cpu" and bool((power == 0).all()):
         return gm_x0, g, state
     safe_var = var.clamp_min(torch.finfo(var.dtype).tiny)
     clip = torch.where(power > var, (safe_var / power.clamp_min(safe_var)).sqrt(), 1.0)
