@@ -331,7 +331,8 @@ def test_run_sampling_does_not_need_diffusers():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
-    ("solver", "guidance"), [("gm-ode2", 0.45), ("gm-sde2", 0.45), ("gm-sde2", 0.0), ("euler", 0.45)]
+    ("solver", "guidance"),
+    [("gm-ode2", 0.45), ("gm-sde2", 0.45), ("gm-sde2", 0.0), ("euler", 0.45)],
 )
 def test_cuda_sampler_steps_never_wait_for_the_gpu(solver, guidance):
     """A whole guided run (network included) reads no CUDA tensor back, so the host queues the
