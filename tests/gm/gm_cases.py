@@ -5,11 +5,24 @@ Imported by its module name (pytest puts this folder on ``sys.path`` for the tes
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from gmflow.gm import GaussianMixture
 
 F64 = torch.float64
+
+CUDASIM = [
+    pytest.mark.cudasim,
+    pytest.mark.skipif(
+        os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
+        reason="needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported: run "
+        "`NUMBA_ENABLE_CUDASIM=1 pytest -m cudasim` (make test does)",
+    ),
+]
+"""``pytestmark`` of the numba.cuda kernel tests, which run under the CUDA simulator only."""
 
 
 def random_gm(b, k, c, hw, dtype=F64, per_component=False, seed=0):  # type: ignore[no-untyped-def]

@@ -5,23 +5,15 @@ Run in their own process with ``NUMBA_ENABLE_CUDASIM=1 pytest -m cudasim`` (``ma
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
+from gm_cases import CUDASIM
 
 from gmflow.gm import backend
 from gmflow.gm.eigh import eigh_descending
 
-pytestmark = [
-    pytest.mark.cudasim,
-    pytest.mark.skipif(
-        os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
-        reason="needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported: run "
-        "`NUMBA_ENABLE_CUDASIM=1 pytest -m cudasim` (make test does)",
-    ),
-]
+pytestmark = CUDASIM
 
 TPB = 4  # several blocks even for a dozen matrices: exercises the grid bound
 

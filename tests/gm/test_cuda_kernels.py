@@ -8,26 +8,18 @@ GPU thread as a Python thread.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-from gm_cases import random_gm
+from gm_cases import CUDASIM, random_gm
 
 from gmflow.gm import backend
 from gmflow.gm.density import gm_logprob_torch
 from gmflow.gm.inverse_cdf import _newton_torch
 from gmflow.gm.products import _condition_torch
 
-pytestmark = [
-    pytest.mark.cudasim,
-    pytest.mark.skipif(
-        os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
-        reason="needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported: run "
-        "`NUMBA_ENABLE_CUDASIM=1 pytest -m cudasim` (make test does)",
-    ),
-]
+pytestmark = CUDASIM
 
 FP32 = {"rtol": 1e-4, "atol": 1e-4}
 TPB = 8  # threads per block: several blocks even at these sizes, so the grid indexing is exercised
