@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 
@@ -50,10 +49,9 @@ def cache_data(
 
       gmflow cache-data photos/ --out data/photos64 --vae none --resolution 64 --limit 1000
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from gmflow.data.cache import CacheConfig, CacheProgress, cache_latents
+    from gmflow_cli.progress import is_main_process, progress_bar
 
     cfg = CacheConfig(
         source=source,
@@ -68,21 +66,14 @@ def cache_data(
         limit=limit,
         num_workers=workers,
     )
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    console = Console(stderr=True)
-    bar = Progress(
-        TextColumn("[bold]caching"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} img/s  ETA {task.fields[eta]}"),
-        console=console,
-        disable=not is_main,
-    )
-    task = bar.add_task("cache", total=None, rate=0.0, eta="?")
+    is_main = is_main_process()
+    bar = progress_bar(remaining=False)  # the job's own ETA counts shards reused on resume
+    task = bar.add_task("caching", total=None, info="")
 
     def on_progress(p: CacheProgress) -> None:
         eta = "?" if p.eta_s == float("inf") else f"{int(p.eta_s) // 60}:{int(p.eta_s) % 60:02d}"
-        bar.update(task, completed=p.done, total=p.total, rate=p.images_per_s, eta=eta)
+        info = f"{p.images_per_s:.1f} img/s  ETA {eta}"
+        bar.update(task, completed=p.done, total=p.total, info=info)
 
     with bar:
         result = cache_latents(cfg, progress=on_progress)

@@ -7,7 +7,6 @@ rewrites ``--steps 8 32`` into ``--steps 8 --steps 32`` (likewise ``--solvers`` 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -202,21 +201,13 @@ def evaluate(
 
 def _run(cfg: Any) -> None:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from gmflow.evaluation import evaluate as run_evaluation
+    from gmflow_cli.progress import is_main_process, progress_bar
 
-    main_rank = os.environ.get("RANK", "0") == "0"
-    console = Console(stderr=True)
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not main_rank,
-    )
+    main_rank = is_main_process()
+    bar = progress_bar(remaining=False)
     task = bar.add_task("preparing", total=None)
 
     def progress(stage: str, done: int, total: int) -> None:

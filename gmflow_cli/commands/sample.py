@@ -88,16 +88,9 @@ def sample(
 
       gmflow sample --run runs/in256_b2 --solver gm-ode2 --steps 16 --class-ids 207 --device cuda
     """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
 
     from gmflow.sampling import SampleConfig, generate
+    from gmflow_cli.progress import progress_bar
 
     names, ids = list(classes or []), list(class_ids or [])
     if ctx.args:  # the later values of `--classes jay magpie` / `--class-ids 17 18`
@@ -140,15 +133,8 @@ def sample(
         device=device,
         vae=vae,
     )
-    bar = Progress(
-        TextColumn("[bold]sampling"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-    task = bar.add_task("sample", total=None)
+    bar = progress_bar()
+    task = bar.add_task("sampling", total=None, info="steps")
     with bar:
         result = generate(
             cfg, progress=lambda done, total: bar.update(task, completed=done, total=total)

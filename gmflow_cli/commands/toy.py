@@ -89,27 +89,13 @@ def toy(
         return
 
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 
     from gmflow.toy import ToyProgress, run_toy
+    from gmflow_cli.progress import progress_bar
 
     console = Console()
-    with Progress(
-        TextColumn("[bold]{task.description:<15}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
+    with progress_bar() as bar:
         tasks: dict[str, int] = {}
 
         def progress(p: ToyProgress) -> None:

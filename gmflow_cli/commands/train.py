@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -42,27 +41,11 @@ def train(
         typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
         return
 
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from gmflow.training import train as run_training
+    from gmflow_cli.progress import is_main_process, progress_bar
 
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    with Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not is_main,
-        transient=False,
-    ) as bar:
+    is_main = is_main_process()
+    with progress_bar() as bar:
         task = bar.add_task("train", total=cfg.train.max_steps, info="")
 
         def progress(step: int, total: int, metrics: dict[str, float]) -> None:
