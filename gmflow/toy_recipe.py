@@ -91,12 +91,20 @@ class ToyTrainConfig:
     device: Literal["cpu", "cuda"] = "cpu"
 
     def __post_init__(self) -> None:
-        if self.iters < 1 or self.batch_size < 1 or self.warmup_steps < 0:
-            raise ValueError("train.iters and train.batch_size must be >= 1, warmup_steps >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
-        if not 0 < self.trans_ratio <= 1:
-            raise ValueError(f"train.trans_ratio must lie in (0, 1], got {self.trans_ratio}")
+        # each message names the field and the recipe key it comes from (toy_config_from_run)
+        checks = [
+            ("iters", "train.max_steps", self.iters >= 1, ">= 1"),
+            ("batch_size", "train.batch_size_per_device", self.batch_size >= 1, ">= 1"),
+            ("warmup_steps", "optim.warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("lr", "optim.lr", self.lr > 0, "> 0"),
+            ("trans_ratio", "loss.trans_ratio", 0 < self.trans_ratio <= 1, "in (0, 1]"),
+        ]
+        for name, key, ok, want in checks:
+            if not ok:
+                raise ValueError(
+                    f"ToyTrainConfig.{name} (recipe key {key}) must be {want}, "
+                    f"got {getattr(self, name)!r}"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)

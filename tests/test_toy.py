@@ -444,3 +444,17 @@ def test_training_ends_on_the_karras_ema_weights():
         (averaged.state_dict()[n] - p).abs().max().item() for n, p in last.state_dict().items()
     )
     assert diff > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "key"),
+    [("iters", 0, "train.max_steps"), ("batch_size", 0, "train.batch_size_per_device"),
+     ("warmup_steps", -1, "optim.warmup_steps"), ("lr", 0.0, "optim.lr"),
+     ("trans_ratio", 1.5, "loss.trans_ratio")],
+)  # fmt: skip
+def test_toy_train_config_errors_name_the_recipe_key(field, value, key):
+    """A notebook building ToyTrainConfig directly learns both names of a bad setting."""
+    from gmflow.toy_recipe import ToyTrainConfig
+
+    with pytest.raises(ValueError, match=rf"ToyTrainConfig\.{field} \(recipe key {key}\)"):
+        ToyTrainConfig(**{field: value})
