@@ -141,6 +141,18 @@ def test_auto_uses_lapack_on_cpu(monkeypatch):
     torch.testing.assert_close(values, jacobi_eigh(a)[0], rtol=0, atol=1e-12)
 
 
+def test_auto_uses_the_sync_free_jacobi_off_cpu(monkeypatch):
+    """Any non-CPU device without a numba-cuda kernel (here: meta) gets the torch Jacobi."""
+
+    def no_lapack(a):  # type: ignore[no-untyped-def]
+        raise AssertionError("torch.linalg.eigh synchronises on GPUs; it must not be called")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_lapack)
+    values, vectors = eigh_descending(torch.empty(3, 5, 4, 4, device="meta"))
+    assert values.device.type == vectors.device.type == "meta"
+    assert values.shape == (3, 5, 4) and vectors.shape == (3, 5, 4, 4)
+
+
 def test_transport_agrees_with_either_basis(monkeypatch):
     """The KR maps with the Jacobi basis equal those with the LAPACK basis (fp64)."""
     gm = random_gm(2, 8, 4, 4, per_component=True, seed=6)
