@@ -114,8 +114,8 @@ def jacobi_eigh(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     """Eigen-decompose symmetric matrices by parallel cyclic Jacobi, with no host sync.
 
     Args:
-        a: (..., C, C) symmetric, floating point (only the upper triangle's symmetry is assumed).
-        sweeps: Jacobi sweeps (default :func:`default_sweeps` of the dtype).
+        a: (..., C, C) symmetric, floating point.
+        sweeps: Jacobi sweeps (default :func:`default_sweeps` of the size and dtype).
 
     Returns:
         (eigenvalues (..., C) descending, eigenvectors (..., C, C) as orthonormal columns with
