@@ -23,11 +23,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gmflow.gm import GaussianMixture, gaussian_to_gm_samples, gm_to_gaussian_samples
+from gmflow.gm import (
+    GaussianMixture,
+    gaussian_to_gm_samples,
+    gm_logprob,
+    gm_to_gaussian_samples,
+)
 from gmflow.gm.mixture import as_scalar_tensor
 from gmflow.gm.random import Generators, randn
 
-__all__ = ["dht", "idht", "spectral_sample", "spectral_loss", "SPECTRAL_LOSS_WEIGHT"]
+__all__ = [
+    "dht",
+    "idht",
+    "spectral_sample",
+    "gm_spectral_logprobs",
+    "spectral_loss",
+    "SPECTRAL_LOSS_WEIGHT",
+]
 
 SPECTRAL_LOSS_WEIGHT = 4.0
 """w_spec of the [LL] spectral loss (spec 4.4 item 6, 11.1)."""
@@ -98,6 +110,60 @@ def spectral_sample(
     z = idht(s_hat)
     x0 = gaussian_to_gm_samples(gm_x0, z.unsqueeze(-4), axis_aligned=True, n_steps=16)
     return x0.squeeze(-4)
+
+
+def gm_spectral_logprobs(
+    gm: GaussianMixture,
+    x: Tensor,
+    log_spectrum: Tensor | None = None,
+    *,
+    power_spectrum: Tensor | None = None,
+) -> Tensor:
+    """Log-density of whole images under spectral sampling with log power spectrum λ (spec 7.13).
+
+    Spectral sampling is x = KR⁻¹(iDHT(ŝ)) with ŝ ~ N(0, diag e^λ). The KR map is per pixel (one
+    basis per sample) and the DHT is orthonormal, so by the change of variables
+
+        log p(x) = Σ_{h,w} log GM_{h,w}(x_{h,w}) + Σ_{c,h,w} [ −½ ŝ² (e^{−λ} − 1) − ½ λ ],
+        ŝ = DHT(KR_forward(gm, x)),
+
+    i.e. the independent per-pixel mixture density times N(ŝ; 0, e^λ) / N(ŝ; 0, I). This is the
+    exact per-element form; the reference code sums ŝ² over channels before multiplying by the
+    per-channel factor and uses −½·C·λ, which agrees only for channel-independent λ (spec 15.9).
+    Without λ (or λ ≡ 0) it is the summed ``gm_logprob``. KR_forward clamps its CDFs at ±(1 − 1e-6),
+    so points beyond about 4.9 mixture standard deviations get a slightly wrong correction.
+
+    Args:
+        gm: means (..., K, C, H, W), one basis per sample (axis-aligned KR, as in sampling).
+        x: (..., n, C, H, W) images.
+        log_spectrum: λ (..., C, H, W), broadcast over n; None for white noise.
+        power_spectrum: the reference's name for ``log_spectrum`` (also a log power spectrum).
+
+    Returns:
+        (..., n) log-densities, in the GM maths dtype (fp32, or fp64 for fp64 inputs).
+
+    Raises:
+        ValueError: if both spectrum arguments are given or λ does not match the images.
+    """
+    if log_spectrum is not None and power_spectrum is not None:
+        raise ValueError(
+            "gm_spectral_logprobs: pass the log power spectrum once, as log_spectrum "
+            "(power_spectrum is the reference's name for the same argument)"
+        )
+    lam = log_spectrum if log_spectrum is not None else power_spectrum
+    logp = gm_logprob(gm, x).sum(dim=(-2, -1))  # (..., n)
+    if lam is None:
+        return logp
+    if lam.shape[-3:] != x.shape[-3:]:
+        raise ValueError(
+            f"gm_spectral_logprobs: log_spectrum must be (..., C, H, W) with C, H, W = "
+            f"{tuple(x.shape[-3:])} as the images, got {tuple(lam.shape)}"
+        )
+    z = gm_to_gaussian_samples(gm, x, axis_aligned=True)  # (..., n, C, H, W), rotated coordinates
+    s_sq = dht(z).square()
+    lam = lam.to(s_sq.dtype).unsqueeze(-4)
+    correction = (-0.5 * s_sq * (torch.exp(-lam) - 1) - 0.5 * lam).sum(dim=(-3, -2, -1))
+    return logp.to(correction.dtype) + correction
 
 
 def spectral_loss(

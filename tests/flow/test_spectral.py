@@ -1,15 +1,23 @@
-"""Spectral pieces (spec 4.4, 9.3; oracles 8, 35, 37): the DHT, spectral sampling, spectral loss."""
+"""Spectral pieces (spec 4.4, 7.13, 9.3; oracles 8, 35, 37, 38): the DHT, spectral sampling, its
+log-density and the spectral loss."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from gmflow.flow.spectral import dht, idht, spectral_loss, spectral_sample
-from gmflow.gm import GaussianMixture, gm_to_gaussian, gm_to_gaussian_samples, gm_to_mean
+from gmflow.flow.spectral import dht, gm_spectral_logprobs, idht, spectral_loss, spectral_sample
+from gmflow.gm import (
+    GaussianMixture,
+    gm_logprob,
+    gm_to_gaussian,
+    gm_to_gaussian_samples,
+    gm_to_mean,
+)
 from gmflow.gm.inverse_cdf import gm1d_pdf_cdf
 
 N_MC = 20_000  # Monte-Carlo draws; bands are 5 standard errors
@@ -185,3 +193,76 @@ def test_spectral_sample_checks_the_spectrum_shape(random_gm):
     gm = random_gm(2, 4, 4, 4, batch=(2,))
     with pytest.raises(ValueError, match="log_spectrum"):
         spectral_sample(gm, torch.zeros(2, 4, 4, 5))
+
+
+# ---- the log-density of spectral sampling (oracle 38) ----
+
+F64 = torch.float64
+
+
+def test_spectral_logprob_without_a_spectrum_is_the_summed_gm_logprob(random_gm, generator):
+    gm = random_gm(3, 2, 4, 4, batch=(2,))
+    x = torch.randn(2, 5, 2, 4, 4, generator=generator, dtype=F64)
+    summed = gm_logprob(gm, x).sum(dim=(-2, -1))  # (2, 5)
+    torch.testing.assert_close(gm_spectral_logprobs(gm, x), summed, rtol=0, atol=0)
+    white = gm_spectral_logprobs(gm, x, torch.zeros(2, 2, 4, 4, dtype=F64))
+    torch.testing.assert_close(white, summed, rtol=0, atol=1e-12)
+
+
+def test_spectral_logprob_is_the_change_of_variables_of_spectral_sampling(random_gm, generator):
+    """Independent reference: log N(ŝ(x); 0, e^λ) + log|det ∂ŝ/∂x| with the Jacobian of
+    x ↦ DHT(KR(x)) from autograd, at draws of spectral sampling (channel-dependent λ)."""
+    c, h, w = 2, 2, 3
+    gm = random_gm(3, c, h, w, batch=(2,), std_range=STD_RANGE)
+    lam = 0.5 * torch.randn(2, c, h, w, generator=generator, dtype=F64)  # any λ, not normalised
+    x = spectral_sample(gm, lam, generator).unsqueeze(1)  # (2, 1, C, H, W)
+    got = gm_spectral_logprobs(gm, x, lam)
+    assert got.shape == (2, 1)
+    for b in range(2):
+        gm_b = GaussianMixture(gm.means[b : b + 1], gm.logweights[b : b + 1], gm.logstds[b : b + 1])
+
+        def s_hat(flat, gm_b=gm_b):  # type: ignore[no-untyped-def]
+            return dht(gm_to_gaussian_samples(gm_b, flat.reshape(1, 1, c, h, w))).flatten()
+
+        jac = torch.autograd.functional.jacobian(s_hat, x[b].flatten())
+        s, var = s_hat(x[b].flatten()), lam[b].flatten().exp()
+        log_normal = (-0.5 * s.square() / var - 0.5 * torch.log(2 * math.pi * var)).sum()
+        want = log_normal + torch.linalg.slogdet(jac).logabsdet
+        torch.testing.assert_close(got[b, 0], want, rtol=0, atol=1e-8)
+
+
+def test_spectral_density_integrates_to_one_and_matches_the_samples(random_gm, generator):
+    """A 1x2 one-channel image (a 2-D density): quadrature of exp(log p) over a grid is 1, and a
+    KS test of spectral samples' first pixel against the grid's marginal CDF passes."""
+    gm = random_gm(3, 1, 1, 2, batch=(1,), std_range=STD_RANGE)
+    lam = torch.tensor([0.8, -0.6], dtype=F64).view(1, 1, 1, 2)  # correlates the two pixels
+    mean = gm_to_mean(gm)[0, 0, 0]
+    std = gm_to_gaussian(gm).cov[0, 0, :, 0, 0].sqrt()
+    axes = [torch.linspace(float(m - 8 * s), float(m + 8 * s), 701, dtype=F64)
+            for m, s in zip(mean, std, strict=True)]  # fmt: skip
+    g0, g1 = torch.meshgrid(*axes, indexing="ij")
+    x = torch.stack([g0, g1], dim=-1).reshape(1, -1, 1, 1, 2)
+    density = gm_spectral_logprobs(gm, x, lam).exp().reshape(701, 701)
+    d0, d1 = (a[1] - a[0] for a in axes)
+    assert abs(float(density.sum() * d0 * d1) - 1) < 1e-4
+    marginal = density.sum(dim=1) * d1  # of pixel 0
+    cdf = torch.cumsum(marginal, 0) * d0
+    draws = spectral_sample(_expand(gm, N_MC), lam.expand(N_MC, 1, 1, 2), generator)[:, 0, 0, 0]
+    grid_cdf = lambda t: np.interp(t, axes[0].numpy() + float(d0) / 2, cdf.numpy())  # noqa: E731
+    assert stats.kstest(draws.numpy(), grid_cdf).pvalue > 1e-3
+    # and the pixels are correlated (λ is not flat), so this is not the per-pixel density
+    white = gm_spectral_logprobs(gm, x).exp().reshape(701, 701)
+    assert (density - white).abs().max() > 0.05 * density.max()
+
+
+def test_spectral_logprob_checks_its_spectrum(random_gm, generator):
+    gm = random_gm(2, 2, 3, 3, batch=(1,))
+    x = torch.randn(1, 2, 2, 3, 3, generator=generator, dtype=F64)
+    lam = torch.randn(1, 2, 3, 3, generator=generator, dtype=F64)
+    torch.testing.assert_close(
+        gm_spectral_logprobs(gm, x, power_spectrum=lam), gm_spectral_logprobs(gm, x, lam)
+    )
+    with pytest.raises(ValueError, match="pass the log power spectrum once"):
+        gm_spectral_logprobs(gm, x, lam, power_spectrum=lam)
+    with pytest.raises(ValueError, match=r"\(\.\.\., C, H, W\)"):
+        gm_spectral_logprobs(gm, x, lam[..., :2])
