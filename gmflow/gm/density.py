@@ -10,7 +10,7 @@ from torch import Tensor
 from gmflow.gm import backend as _backend
 from gmflow.gm._checks import check_batch, promote, promote_gm
 from gmflow.gm._shapes import broadcast_shapes
-from gmflow.gm.mixture import GaussianMixture, IsoGaussian
+from gmflow.gm.mixture import GaussianMixture, IsoGaussian, gm_dtype
 from gmflow.gm.random import Generators, rand, randn
 
 __all__ = ["iso_gaussian_logprob", "gm_logprob", "gm_to_sample", "gm_kl_div", "gm_entropy"]
@@ -95,6 +95,7 @@ def gm_to_sample(
     n: int = 1,
     power: float = 1.0,
     generator: Generators = None,
+    cov_sharpen: bool = False,
 ) -> Tensor:
     """Draw n samples per pixel: a component from softmax(p·log A), then μ_k + s_k·N(0, I).
 
@@ -102,12 +103,16 @@ def gm_to_sample(
 
     Pixels are independent. Exact for p = 1. ``generator`` is one torch.Generator, None (the
     global RNG), or one generator per row of the leading batch dim (see :mod:`gmflow.gm.random`).
+    ``cov_sharpen`` also narrows each component to s_k/√p: with the weights A^p, the samples then
+    follow GM(x)^p (normalised) for well-separated components, each N(μ_k, s_k²)^p ∝ N(μ_k, s_k²/p).
 
     Returns:
         (..., n, C, H, W).
     """
     if n < 1:
         raise ValueError(f"gm_to_sample: n must be >= 1, got {n}")
+    if cov_sharpen and not power > 0:
+        raise ValueError(f"gm_to_sample: cov_sharpen needs power > 0 (std s/√p), got {power}")
     gm, _ = promote_gm(gm)
     batch = broadcast_shapes(gm.means.shape[:-4], gm.logweights.shape[:-4], gm.logstds.shape[:-4])
     k, c, h, w = gm.means.shape[-4:]
@@ -129,13 +134,24 @@ def gm_to_sample(
         std = logstds.exp()  # (..., 1, 1, 1, 1)
     else:
         std = torch.gather(logstds.expand(*batch, k, 1, h, w), -4, idx).exp()
+    if cov_sharpen and power != 1.0:
+        std = std * (1.0 / math.sqrt(power))
     return chosen + std * noise
 
 
 def gm_kl_div(
-    p: GaussianMixture, q: GaussianMixture, n: int = 32, generator: Generators = None
+    p: GaussianMixture,
+    q: GaussianMixture,
+    n: int = 32,
+    generator: Generators = None,
+    use_kr: bool = False,
 ) -> Tensor:
     """Monte-Carlo KL(p ‖ q) = E_p[log p − log q] per pixel with n samples (spec 7.13).
+
+    The samples of p come from :func:`gm_to_sample`, or with ``use_kr`` from the inverse KR map of
+    N(0, I) noise (:func:`~gmflow.gm.transport.gaussian_to_gm_samples`, axis-aligned): the same
+    distribution, but a reparameterised draw, so the estimate is differentiable in p's parameters
+    (the component choice of ``gm_to_sample`` is not).
 
     Returns:
         (..., 1, H, W).
@@ -146,7 +162,17 @@ def gm_kl_div(
             f"p.means {tuple(p.means.shape)}"
         )
     check_batch("gm_kl_div: q", p, tuple(q.batch_shape))
-    x = gm_to_sample(p, n, generator=generator)  # (..., n, C, H, W)
+    if use_kr:
+        from gmflow.gm.transport import gaussian_to_gm_samples  # transport builds on this module
+
+        if n < 1:
+            raise ValueError(f"gm_kl_div: n must be >= 1, got {n}")
+        batch = broadcast_shapes(p.means.shape[:-4], p.logweights.shape[:-4], p.logstds.shape[:-4])
+        z = randn((*batch, n, *p.means.shape[-3:]), generator, device=p.means.device,
+                  dtype=gm_dtype(p.means.dtype))  # fmt: skip
+        x = gaussian_to_gm_samples(p, z)  # (..., n, C, H, W)
+    else:
+        x = gm_to_sample(p, n, generator=generator)  # (..., n, C, H, W)
     return (gm_logprob(p, x) - gm_logprob(q, x)).mean(dim=-3, keepdim=True)
 
 
