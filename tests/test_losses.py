@@ -121,13 +121,21 @@ def test_partial_ratio_is_a_weighted_regression_of_the_transition_mean(generator
 def test_ll_and_orig_normalisations_differ_by_a_constant(
     random_gm, generator, c, scale_ll, scale_orig
 ):
-    """Oracle 7: [LL] scale·mean(ℓ/C) vs [orig] scale'·mean(ℓ') with ℓ' = ℓ − (C/2) log 2π."""
-    gm_u = random_gm(3, c, 2, 2, batch=(3,))
+    """Oracle 7: [LL] scale·mean(ℓ/C) vs [orig] scale'·mean(ℓ') with ℓ' = ℓ − (C/2) log 2π:
+    a constant apart, so every parameter gets the same gradient from both."""
+    gm = random_gm(3, c, 2, 2, batch=(3,))
+    params = [t.clone().requires_grad_(True) for t in (gm.means, gm.logweights, gm.logstds)]
+    gm_u = GaussianMixture(*params)
     _, x_low, x_high, sigma_low, sigma_high = _batch(generator, c=c)
     nll = transition_nll(gm_u, x_low, x_high, sigma_low, sigma_high)
     orig = scale_orig * (nll - 0.5 * c * LOG_2PI).mean()
     ll = transition_loss(gm_u, x_low, x_high, sigma_low, sigma_high, scale=scale_ll)
     assert_close(ll - orig, torch.tensor(scale_ll * 0.5 * LOG_2PI, dtype=F64))
+    grads_ll = torch.autograd.grad(ll, params, retain_graph=True)
+    grads_orig = torch.autograd.grad(orig, params)
+    for g_ll, g_orig in zip(grads_ll, grads_orig, strict=True):
+        assert g_ll.abs().max() > 0
+        assert_close(g_ll, g_orig)
 
 
 def test_default_scale_is_nats_per_dimension(random_gm, generator):

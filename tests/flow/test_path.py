@@ -271,6 +271,13 @@ def test_posterior_condition_numeric_vector():
     )
     mean = posterior_mean(gm, x_src, 0.8, x_t, 0.6).flatten()
     assert_close(mean, torch.tensor([0.19490011, 0.27181938], dtype=F64), **tol)
+    # the intermediate ζ, ν of the vector, from both the float and the tensor path
+    from gmflow.flow.path import _reconditioning_terms
+
+    for s_src, s_t in ((0.8, 0.6), (torch.tensor(0.8, dtype=F64), torch.tensor(0.6, dtype=F64))):
+        zeta, nu = _reconditioning_terms(x_src, s_src, x_t, s_t)
+        assert_close(torch.as_tensor(zeta, dtype=F64).flatten()[0].item(), 0.38194444, **tol)
+        assert_close(nu.flatten(), torch.tensor([0.17708333, -0.13194444], dtype=F64), **tol)
 
 
 def test_per_sample_levels_equal_separate_scalar_calls(random_gm, generator):

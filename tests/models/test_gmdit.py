@@ -156,10 +156,16 @@ def test_official_config_maps_to_constructor(tiny_dir):
         official_gmdit_config_to_kwargs({**config, "activation_fn": "geglu"})
 
 
-def test_xl2_k8_has_the_released_parameter_count():
+def test_xl2_k8_has_the_released_parameter_count_and_output_shapes():
+    """Oracle 39, on the meta device (no memory, no compute)."""
     with torch.device("meta"):
         model = build_gmdit("XL/2", num_gaussians=8)
     assert sum(p.numel() for p in model.parameters()) == 676_164_001
+    x = torch.empty(3, 4, 32, 32, device="meta")
+    gm = model(x, torch.empty(3, device="meta"), torch.zeros(3, dtype=torch.long, device="meta"))
+    assert gm.means.shape == (3, 8, 4, 32, 32)
+    assert gm.logweights.shape == (3, 8, 1, 32, 32)
+    assert gm.logstds.shape == (3, 1, 1, 1, 1)
 
 
 def test_converter_covers_every_released_key_with_the_right_shape(fixtures_dir):
