@@ -193,18 +193,28 @@ def test_gm_sde_reproduces_2d_gm_data():
         assert stats.kstest(x[:, axis].numpy(), cdf).pvalue > 1e-3
 
 
-def test_one_gm_sde_step_gives_the_exact_intermediate_marginal():
-    """x(σ') after one step from pure noise is α' x0 + σ' ε: a GM with variance α'² v0 + σ'²."""
-    den, n, s_next = data_1d(), 20_000, 0.4
-    x1 = noise(n, 1)
-    sigma = torch.ones(n, dtype=F64)
+@pytest.mark.parametrize(("s_from", "s_next"), [(1.0, 0.4), (0.7, 0.3), (0.35, 0.1)])
+def test_one_gm_sde_step_gives_the_exact_intermediate_marginal(s_from, s_next):
+    """From the exact marginal at σ (pure noise at σ = 1), one step lands on α' x0 + σ' ε: a GM
+    with variance α'² v0 + σ'² (oracle 28)."""
+    den, n = data_1d(), 20_000
     gen = torch.Generator().manual_seed(4)
-    x0 = gm_to_sample(den.x0_posterior(x1, sigma), 1, generator=gen).squeeze(1)
+    w, m = den.logweights.exp().flatten().tolist(), den.means.flatten().tolist()
+    if s_from == 1.0:
+        x_from = noise(n, 1)
+    else:  # x_σ = α x0 + σ ε with x0 from the data GM
+        comp = torch.multinomial(torch.tensor(w, dtype=F64), n, replacement=True, generator=gen)
+        data = torch.tensor(m, dtype=F64)[comp] + math.sqrt(den.v0) * torch.randn(
+            n, generator=gen, dtype=F64
+        )
+        eps = torch.randn(n, generator=gen, dtype=F64)
+        x_from = ((1 - s_from) * data + s_from * eps).reshape(n, 1, 1, 1)
+    sigma = torch.full((n,), s_from, dtype=F64)
+    x0 = gm_to_sample(den.x0_posterior(x_from, sigma), 1, generator=gen).squeeze(1)
     x = flow_sde_step(
-        x1, x0, 1.0, s_next, torch.randn(x1.shape, generator=gen, dtype=F64)
+        x_from, x0, s_from, s_next, torch.randn(x_from.shape, generator=gen, dtype=F64)
     ).flatten()
     a = 1 - s_next
-    w, m = den.logweights.exp().flatten().tolist(), den.means.flatten().tolist()
     sd = math.sqrt(a**2 * den.v0 + s_next**2)
     cdf = lambda v: sum(wk * stats.norm.cdf(v, a * mk, sd) for wk, mk in zip(w, m, strict=True))  # noqa: E731
     assert stats.kstest(x.numpy(), cdf).pvalue > 1e-3
