@@ -16,7 +16,7 @@ from gmflow.config import load_recipe
 from gmflow.errors import CheckpointError
 from gmflow.flow import sample_timesteps, transition_pair, u_to_x0
 from gmflow.flow.spectral import spectral_loss
-from gmflow.gm import gm_to_iso_gaussian
+from gmflow.gm import GaussianMixture, gm_to_iso_gaussian
 from gmflow.losses import transition_nll
 from gmflow.run_config import LossConfig, ModelConfig, RunConfig
 
@@ -81,7 +81,9 @@ class GMFlowObjective(nn.Module):
     """Denoiser + spectrum net; ``forward(x0, labels)`` is one training loss evaluation (spec 4.4b).
 
     Returns ``{"loss": scalar, "stats": {name: float}}``; stats holds the transition loss, the
-    spectral loss, the mean mixture variance and the loss per σ quartile present in the batch.
+    spectral loss, the mean component std ``gm_std`` and mixture variance ``gm_var`` (spec 4.3)
+    of the u-space GM, and the loss per σ quartile present in the batch. The losses run with
+    autocast disabled: GM maths stays fp32 under a bf16 trainer.
     """
 
     def __init__(
@@ -105,6 +107,21 @@ class GMFlowObjective(nn.Module):
         )
         x_low, x_high, sigma_low = transition_pair(x0, sigma_high, cfg.trans_ratio)
         gm_u = self.denoiser(x_high, sigma_high, labels)
+        # GM maths in fp32 even when the trainer runs the network under bf16 autocast (spec 2.3,
+        # 17.3): autocast would run the KR map's einsums of the spectral loss in bf16
+        with torch.autocast(x0.device.type, enabled=False):
+            return self._losses(x0, x_low, x_high, sigma_low, sigma_high, gm_u)
+
+    def _losses(
+        self,
+        x0: Tensor,
+        x_low: Tensor,
+        x_high: Tensor,
+        sigma_low: Tensor,
+        sigma_high: Tensor,
+        gm_u: GaussianMixture,
+    ) -> dict:
+        cfg = self.loss_cfg
         nll = transition_nll(gm_u, x_low, x_high, sigma_low, sigma_high)  # (B, H, W)
         # = gmflow.losses.transition_loss per sample: scale · mean_{H,W}(ℓ_p / C)
         per_sample = cfg.loss_scale * nll.mean(dim=(-2, -1)) / x0.shape[1]  # (B,)
@@ -125,7 +142,8 @@ class GMFlowObjective(nn.Module):
                 mask = quartile == q
                 if bool(mask.any()):
                     stats[f"loss_q{q}"] = float(per_sample[mask].mean())
-            stats["gm_std"] = float(gm_u.logstds.exp().mean())
+            stats["gm_std"] = float(gm_u.logstds.exp().mean())  # s, the component std
+            stats["gm_var"] = float(gm_to_iso_gaussian(gm_u).var.mean())  # Σ A (‖μ − m‖²/C + s²)
         stats["loss"] = float(loss.detach())
         return {"loss": loss, "stats": stats}
 
