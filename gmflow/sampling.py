@@ -61,7 +61,7 @@ class SampleConfig:
     class_ids: tuple[int, ...] = ()  # class ids; num_classes is the unconditional class
     num_per_class: int = 1
     num_steps: int = 32  # N network evaluations per sample
-    num_substeps: int | None = None  # GM-ODE sub-steps S; None = max(ceil(128/N), 2)
+    num_substeps: int | None = None  # GM-ODE sub-steps S; None = flow.default_num_substeps(N)
     guidance_scale: float = 0.45  # probabilistic guidance w in [0, 1); 0 = off
     seed: int = 42  # sample i starts from the noise of seed + i
     batch_size: int = 16

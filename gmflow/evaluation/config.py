@@ -10,7 +10,6 @@ It loads from a YAML recipe with ``gmflow.config.load_recipe(path, EvalConfig, o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,13 +39,16 @@ SEED_STRIDE = 10**7  # seed s draws sample i from the seeds s·10⁷ + i (+ 1000
 
 
 def substeps_for(solver: str, num_steps: int, num_substeps: int | None) -> int:
-    """Sub-steps S of a sweep point: GM-ODE gets ``num_substeps`` or max(ceil(128/N), 2); others 1.
+    """Sub-steps S of a sweep point: GM-ODE gets ``num_substeps`` or the paper's default; others 1.
 
-    The default reproduces the paper's (8, 16) and (32, 4) (spec 8.2, 14).
+    The default (:func:`gmflow.flow.default_num_substeps`) reproduces the paper's (4, 8), (8, 16)
+    and (32, 4) (spec 8.2, 14).
     """
+    from gmflow.flow.steps import default_num_substeps
+
     if EVAL_SOLVERS[solver][0] != "gm-ode":
         return 1
-    return num_substeps if num_substeps is not None else max(math.ceil(128 / num_steps), 2)
+    return num_substeps if num_substeps is not None else default_num_substeps(num_steps)
 
 
 @dataclass(frozen=True, order=True)
@@ -90,7 +92,7 @@ class EvalConfig:
     # --- the sweep ---
     solvers: tuple[str, ...] = ("gm-ode2", "gm-sde2")
     steps: tuple[int, ...] = (8, 32)  # N per solver
-    num_substeps: int | None = None  # GM-ODE sub-steps S; None = max(ceil(128/N), 2)
+    num_substeps: int | None = None  # GM-ODE sub-steps S; None = flow.default_num_substeps(N)
     guidance_scales: tuple[float, ...] = PAPER_GUIDANCE_SCALES
     orthogonal_guidance: float = 1.0  # o of probabilistic guidance (spec 6)
     num_samples: int = 50_000  # per sweep point

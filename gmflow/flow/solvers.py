@@ -215,7 +215,8 @@ def sample(
     * ``gm-sde`` [N]: draw x̂0 from the x0-GM, then the DDPM posterior step (FlowSDE, h = 1) —
       exactly a draw from the reverse-transition GM (spec 3.4). S = 1.
     * ``gm-ode`` [N]: the x0-GM mean, then S Euler (DDIM) sub-steps per network step, re-deriving
-      E[x0 | x] analytically at each sub-step (spec 3.5). S defaults to max(ceil(128/N), 2).
+      E[x0 | x] analytically at each sub-step (spec 3.5). S defaults to the paper's
+      max(ceil(128/N), 2), with S = 8 at N = 4 or 6 (:func:`default_num_substeps`).
     * baselines that only use the GM mean (flow matching): ``euler`` [N], ``ddpm`` [N] (DDPM
       posterior sample around the mean), ``heun`` [2N − 1] (the last step is Euler).
 

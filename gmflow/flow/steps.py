@@ -84,5 +84,10 @@ def flow_sde_step(
 
 
 def default_num_substeps(num_steps: int) -> int:
-    """GM-ODE sub-steps: max(ceil(128 / N), 2), so that N·S ≥ 128 fine steps (paper, spec 14)."""
+    """GM-ODE sub-steps S for N network steps, the paper's setting (spec 14).
+
+    max(ceil(128 / N), 2), so that N·S ≥ 128 fine steps, except S = 8 at N = 4 and N = 6.
+    """
+    if num_steps in (4, 6):
+        return 8
     return max(math.ceil(128 / num_steps), 2)

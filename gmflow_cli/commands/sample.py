@@ -56,7 +56,10 @@ def sample(
     steps: Annotated[int, typer.Option("--steps", help="Network evaluations N per image.")] = 32,
     substeps: Annotated[
         str,
-        typer.Option("--substeps", help="GM-ODE sub-steps per step; auto = max(ceil(128/N), 2)."),
+        typer.Option(
+            "--substeps",
+            help="GM-ODE sub-steps per step; auto = max(ceil(128/N), 2), 8 at N = 4 or 6.",
+        ),
     ] = "auto",
     guidance: Annotated[
         float, typer.Option("--guidance", help="Probabilistic guidance w in [0, 1); 0 = off.")

@@ -145,7 +145,8 @@ def test_float_levels_match_tensor_levels(generator, dtype, sigma, sigma_next):
 
 
 def test_default_num_substeps():
-    assert [default_num_substeps(n) for n in (1, 4, 8, 16, 32, 100)] == [128, 32, 16, 8, 4, 2]
+    steps = (1, 3, 4, 5, 6, 7, 8, 16, 32, 100)
+    assert [default_num_substeps(n) for n in steps] == [128, 43, 8, 26, 8, 19, 16, 8, 4, 2]
 
 
 # ---- exactness with GM data ------------------------------------------------------------------
