@@ -52,6 +52,7 @@ def validate_options(
     gm2_coefs: tuple[float, float],
     shift: float,
     spectrum_net: object,
+    gm2_correction_steps: int = 0,
 ) -> int:
     """Check the non-guidance arguments of :func:`sample`; return the number of sub-steps S."""
     if not callable(denoiser):
@@ -79,6 +80,15 @@ def validate_options(
         )
     if len(gm2_coefs) != 2 or not all(math.isfinite(c) and c >= 0 for c in gm2_coefs):
         raise ConfigError(f"sample: gm2_coefs must be two finite numbers >= 0, got {gm2_coefs!r}")
+    if not _is_int(gm2_correction_steps) or gm2_correction_steps < 0:
+        raise ConfigError(
+            f"sample: gm2_correction_steps must be an integer >= 0, got {gm2_correction_steps!r}"
+        )
+    if gm2_correction_steps > 0 and order != 2:
+        raise ConfigError(
+            f"sample: gm2_correction_steps={gm2_correction_steps} refines the order-2 correction; "
+            "use it with order=2"
+        )
     if not (math.isfinite(shift) and shift > 0):
         raise ConfigError(f"sample: shift must be a finite number > 0 (1 = none), got {shift!r}")
     if spectrum_net is not None and (solver != "gm-sde" or not callable(spectrum_net)):

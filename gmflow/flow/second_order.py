@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gmflow.flow.guidance import GuidanceResult, impose_gaussian
+from gmflow.flow.guidance import GuidanceResult, _inner, impose_gaussian
 from gmflow.flow.path import posterior_mean
 from gmflow.gm import GaussianMixture, IsoGaussian, gm_to_mean
 
@@ -41,8 +41,17 @@ class SecondOrderState:
     h: float
 
 
-def _inner(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).mean(dim=(-3, -2, -1), keepdim=True)
+def _impose(
+    base_gm: GaussianMixture, base: IsoGaussian, var: Tensor, bias: Tensor
+) -> tuple[GaussianMixture, IsoGaussian, Tensor]:
+    """Spec 8.3 steps 6-8: clip b to power v̄, impose N(m + b, v̄τ); also return the clipped b."""
+    power = _inner(bias, bias)  # P, pre-clip
+    safe_var = var.clamp_min(torch.finfo(var.dtype).tiny)
+    clip = torch.where(power > var, (safe_var / power.clamp_min(safe_var)).sqrt(), 1.0)
+    bias = bias * clip
+    tau = (1 - power / safe_var).clamp_min(VAR_RATIO_FLOOR)
+    target = IsoGaussian(base.mean + bias, var * tau)
+    return impose_gaussian(base_gm, base, bias, tau), target, bias
 
 
 def second_order_correction(
@@ -55,6 +64,7 @@ def second_order_correction(
     *,
     guidance: GuidanceResult | None = None,
     coefs: tuple[float, float] = (0.005, 1.0),
+    correction_steps: int = 0,
 ) -> tuple[GaussianMixture, IsoGaussian, SecondOrderState]:
     """Apply the order-2 correction to the x0-GM of the current step (spec 8.3).
 
@@ -85,6 +95,13 @@ def second_order_correction(
         guidance: the guidance terms of this step, or None when unguided (vanilla CFG is passed
             as unguided: its shifted GM is the GM).
         coefs: (c_a, c_b) of the damping γ.
+        correction_steps: extra iterations that make the corrected GM's mean match m_cur + Δ
+            (spec 8.3 step 9; for K > 1 the product moves the mixture mean by only about b): with
+            e = (mean(GM) − m_base) − (m_cur + Δ − m_base), b̃ ← b̃ − e·min(1, ‖b̃‖_c / ‖mean(GM) −
+            m_base‖_c) per pixel (channel norms, the denominator floored at 1e-6), then steps 6-8
+            again. 0 (the default) is the paper's sampler. This is the reference's fixed-point
+            heuristic: it usually shrinks the mismatch several-fold within a few iterations, but
+            it is not guaranteed to converge (τ, shared by a sample's pixels, couples them).
 
     Returns:
         (corrected GM, its target Gaussian, the state for the next step).
@@ -108,17 +125,18 @@ def second_order_correction(
     var = base.var  # v̄, (B, 1, 1, 1)
     m_prev = posterior_mean(prev.gm_x0, prev.x_t, prev.sigma, x_t, sigma)
     gamma = (1 - var * (w**2 * c_b**2 + c_a) / prev.h**2).clamp_min(0).sqrt()
-    bias = (0.5 * h / prev.h) * gamma * (m_cur - m_prev)  # Δ
-    if guide_bias is not None:
-        bias = bias + guide_bias
-    power = _inner(bias, bias)  # P, pre-clip
+    delta = (0.5 * h / prev.h) * gamma * (m_cur - m_prev)  # Δ
+    bias = delta if guide_bias is None else delta + guide_bias
     # the exact shortcut reads P back: CPU only; on a GPU the product below returns the inputs to
     # rounding instead, without stalling the host behind the queued network
-    if guidance is None and power.device.type == "cpu" and bool((power == 0).all()):
+    if guidance is None and bias.device.type == "cpu" and bool((_inner(bias, bias) == 0).all()):
         return gm_x0, g, state
-    safe_var = var.clamp_min(torch.finfo(var.dtype).tiny)
-    clip = torch.where(power > var, (safe_var / power.clamp_min(safe_var)).sqrt(), 1.0)
-    bias = bias * clip
-    tau = (1 - power / safe_var).clamp_min(VAR_RATIO_FLOOR)
-    target = IsoGaussian(base.mean + bias, var * tau)
-    return impose_gaussian(base_gm, base, bias, tau), target, state
+    gm, target, bias = _impose(base_gm, base, var, bias)
+    if correction_steps > 0:
+        want = m_cur + delta - base.mean  # the bias the mixture mean should show
+        for _ in range(correction_steps):
+            shift = gm_to_mean(gm) - base.mean
+            norm_shift = shift.norm(dim=-3, keepdim=True).clamp_min(1e-6)
+            step = (bias.norm(dim=-3, keepdim=True) / norm_shift).clamp_max(1)
+            gm, target, bias = _impose(base_gm, base, var, bias - (shift - want) * step)
+    return gm, target, state

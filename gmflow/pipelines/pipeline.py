@@ -216,6 +216,7 @@ class GMDiTPipeline(DiffusionPipeline):
         order: int = 2,
         orthogonal_guidance: float = 1.0,
         gm2_coefs: Sequence[float] = (0.005, 1.0),
+        gm2_correction_steps: int = 0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -231,6 +232,8 @@ class GMDiTPipeline(DiffusionPipeline):
             order: 1, or 2 for the second-order GM correction.
             orthogonal_guidance: o ∈ [0, 1] of probabilistic guidance.
             gm2_coefs: (c_a, c_b) of the order-2 damping.
+            gm2_correction_steps: mean-matching iterations of the order-2 correction (spec 8.3
+                step 9); 0 as in the paper.
             generator: torch generator(s) for reproducible draws.
             output_type: ``'pil'``, ``'np'`` (B, H, W, C) float in [0, 1], ``'pt'`` (B, C, H, W)
                 or ``'latent'`` (the sampled x0, not decoded).
@@ -273,6 +276,7 @@ class GMDiTPipeline(DiffusionPipeline):
                 orthogonal_guidance=orthogonal_guidance,
                 null_class_id=int(transformer.num_classes),
                 gm2_coefs=(float(gm2_coefs[0]), float(gm2_coefs[1])),
+                gm2_correction_steps=gm2_correction_steps,
                 shift=float(self.scheduler.config.shift),
                 class_labels=torch.tensor(ids, dtype=torch.long, device=device),
                 generator=loop_generator,

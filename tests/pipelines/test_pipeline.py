@@ -253,6 +253,16 @@ def test_call_is_flow_sample_then_vae_decode():
         class_labels=torch.tensor([1, 7]),
     )
     torch.testing.assert_close(latents.images, expected, rtol=0, atol=0)
+    refined = pipe(  # the official call's gm2_correction_steps reaches flow.sample
+        [1, 7], generator=torch.Generator().manual_seed(4), output_type="latent",
+        gm2_correction_steps=2, **kwargs,
+    )  # fmt: skip
+    expected_refined = sample(
+        pipe.transformer, noise, solver="gm-ode", num_steps=3, num_substeps=2, order=2,
+        guidance_scale=0.3, null_class_id=10, class_labels=torch.tensor([1, 7]),
+        gm2_correction_steps=2,
+    )  # fmt: skip
+    torch.testing.assert_close(refined.images, expected_refined, rtol=0, atol=0)
     images = pipe([1, 7], generator=torch.Generator().manual_seed(4), output_type="pt", **kwargs)
     with torch.no_grad():
         decoded = pipe.vae.decode(expected / 0.18215).sample
