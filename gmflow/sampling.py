@@ -63,6 +63,13 @@ class SampleConfig:
     num_steps: int = 32  # N network evaluations per sample
     num_substeps: int | None = None  # GM-ODE sub-steps S; None = flow.default_num_substeps(N)
     guidance_scale: float = 0.45  # probabilistic guidance w in [0, 1); 0 = off
+    orthogonal_guidance: float = 1.0  # o in [0, 1]: share of the guidance bias kept ⟂ to μ_c
+    guidance_interval: tuple[float, float] | None = (
+        None  # (σ_a, σ_b): guide only inside; None = all
+    )
+    gm2_coefs: tuple[float, float] = (0.005, 1.0)  # (c_a, c_b) of the order-2 damping
+    gm2_correction_steps: int = 0  # order-2 mean-matching iterations (spec 8.3 step 9)
+    shift: float | None = None  # time shift of the σ grid; None = the model's (pipeline/recipe)
     seed: int = 42  # sample i starts from the noise of seed + i
     batch_size: int = 16
     dtype: str = "fp32"  # network weights: fp32 or bf16 (GM maths stays fp32)
@@ -97,6 +104,7 @@ class SampleConfig:
                 f"--guidance {self.guidance_scale} is outside [0, 1): it is the probabilistic "
                 "guidance w (0 = off, ~0.04 best FID, 0.45 for sharp images), not a CFG scale"
             )
+        self._check_sampler_options()
         if bool(self.classes) == bool(self.class_ids):
             raise ConfigError(
                 "pass the classes to draw with exactly one of --classes (names, e.g. jay magpie) "
@@ -110,6 +118,38 @@ class SampleConfig:
             raise ConfigError("--vae and use_ema apply to --run only (a pipeline has its own VAE)")
         if self.pretrained is None and self.variant is not None:
             raise ConfigError("variant applies to --pretrained only")
+
+    def _check_sampler_options(self) -> None:
+        """The options that tune a solver, with the flag that sets each in the message."""
+        if not (isinstance(self.orthogonal_guidance, int | float)
+                and 0 <= self.orthogonal_guidance <= 1):  # fmt: skip
+            raise ConfigError(
+                f"--orthogonal-guidance {self.orthogonal_guidance} is outside [0, 1]: the strength "
+                "of the orthogonal projection of the guidance bias (1 = the paper's, 0 = none)"
+            )
+        interval = self.guidance_interval
+        if interval is not None and (
+            len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1
+        ):
+            raise ConfigError(
+                f"--guidance-interval {interval} must be two noise levels 0 <= sigma_a <= sigma_b "
+                "<= 1 (guidance applies for sigma_a <= sigma <= sigma_b)"
+            )
+        coefs = self.gm2_coefs
+        if len(coefs) != 2 or not all(
+            isinstance(c, int | float) and math.isfinite(c) and c >= 0 for c in coefs
+        ):
+            raise ConfigError(f"--gm2-coefs {coefs} must be two finite numbers >= 0 (c_a c_b)")
+        _check_int("gm2_correction_steps", self.gm2_correction_steps, minimum=0)
+        if self.gm2_correction_steps and SOLVERS[self.solver][1] != 2:
+            raise ConfigError(
+                f"--gm2-correction-steps {self.gm2_correction_steps} refines the order-2 "
+                f"correction; solver {self.solver!r} has none (use gm-ode2 or gm-sde2)"
+            )
+        if self.shift is not None and not (
+            isinstance(self.shift, int | float) and math.isfinite(self.shift) and self.shift > 0
+        ):
+            raise ConfigError(f"--shift {self.shift} must be a finite number > 0 (1 = no shift)")
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -198,8 +238,12 @@ def generate(cfg: SampleConfig, progress: Callable[[int, int], None] | None = No
             num_substeps=cfg.num_substeps,
             order=order,
             guidance_scale=float(cfg.guidance_scale),
+            orthogonal_guidance=float(cfg.orthogonal_guidance),
+            guidance_interval=cfg.guidance_interval,
+            gm2_coefs=cfg.gm2_coefs,
+            gm2_correction_steps=cfg.gm2_correction_steps if order == 2 else 0,
             null_class_id=model.num_classes,
-            shift=model.shift,
+            shift=model.shift if cfg.shift is None else float(cfg.shift),
             class_labels=torch.tensor([class_ids[i] for i in index], device=cfg.device),
             generator=generator,
             spectrum_net=model.spectrum_net if solver == "gm-sde" else None,
@@ -275,7 +319,11 @@ def _manifest(
             "num_steps": cfg.num_steps,
             "num_substeps": substeps if solver == "gm-ode" else 1,
             "guidance_scale": cfg.guidance_scale,
-            "shift": model.shift,
+            "orthogonal_guidance": cfg.orthogonal_guidance,
+            "guidance_interval": cfg.guidance_interval,
+            "gm2_coefs": list(cfg.gm2_coefs) if order == 2 else None,
+            "gm2_correction_steps": cfg.gm2_correction_steps if order == 2 else None,
+            "shift": model.shift if cfg.shift is None else cfg.shift,
             "null_class_id": model.num_classes,
             "spectral_sampling": solver == "gm-sde" and model.spectrum_net is not None,
             "in_loop_noise": "one generator per sample" if solver in STOCHASTIC else "none",

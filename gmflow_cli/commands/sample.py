@@ -64,6 +64,38 @@ def sample(
     guidance: Annotated[
         float, typer.Option("--guidance", help="Probabilistic guidance w in [0, 1); 0 = off.")
     ] = 0.45,
+    orthogonal_guidance: Annotated[
+        float,
+        typer.Option(
+            "--orthogonal-guidance", help="Orthogonal projection o in [0, 1] of the guidance bias."
+        ),
+    ] = 1.0,
+    guidance_interval: Annotated[
+        tuple[float, float] | None,
+        typer.Option(
+            "--guidance-interval",
+            help="Guide only for SIGMA_A <= sigma <= SIGMA_B, e.g. --guidance-interval 0.1 0.9.",
+            show_default=False,
+        ),
+    ] = None,
+    gm2_coefs: Annotated[
+        tuple[float, float],
+        typer.Option("--gm2-coefs", help="Order-2 damping coefficients c_a c_b."),
+    ] = (0.005, 1.0),
+    gm2_correction_steps: Annotated[
+        int,
+        typer.Option(
+            "--gm2-correction-steps", help="Order-2 mean-matching iterations (0 = the paper's)."
+        ),
+    ] = 0,
+    shift: Annotated[
+        float | None,
+        typer.Option(
+            "--shift",
+            help="Time shift of the noise-level grid (default: the model's).",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[
         int, typer.Option("--seed", help="Image i starts from the noise of seed + i.")
     ] = 42,
@@ -130,6 +162,11 @@ def sample(
         num_steps=steps,
         num_substeps=num_substeps,
         guidance_scale=guidance,
+        orthogonal_guidance=orthogonal_guidance,
+        guidance_interval=guidance_interval,
+        gm2_coefs=tuple(gm2_coefs),
+        gm2_correction_steps=gm2_correction_steps,
+        shift=shift,
         seed=seed,
         batch_size=batch_size,
         dtype=dtype,

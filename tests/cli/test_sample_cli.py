@@ -104,6 +104,38 @@ def test_options_reach_sample_config(captured, capsys, tmp_path):
     ]
     assert _run(args, capsys)[0] == 0
     assert captured[-1].classes == ("jay", "great white shark")
+    cfg = captured[-1]  # the sampler-tuning options keep the paper's defaults
+    assert (cfg.orthogonal_guidance, cfg.guidance_interval, cfg.gm2_coefs) == (
+        1.0, None, (0.005, 1.0),
+    )  # fmt: skip
+    assert (cfg.gm2_correction_steps, cfg.shift) == (0, None)
+    args = ["--pretrained", "D", "--class-ids", "3", "--orthogonal-guidance", "0.5",
+            "--guidance-interval", "0.1", "0.9", "--gm2-coefs", "0.01", "2", "--shift", "3",
+            "--gm2-correction-steps", "2", "--out-dir", "o"]  # fmt: skip
+    assert _run(args, capsys)[0] == 0
+    cfg = captured[-1]
+    assert (cfg.orthogonal_guidance, cfg.guidance_interval, cfg.gm2_coefs) == (
+        0.5, (0.1, 0.9), (0.01, 2.0),
+    )  # fmt: skip
+    assert (cfg.gm2_correction_steps, cfg.shift, cfg.class_ids) == (2, 3.0, (3,))
+
+
+def test_sampler_options_reach_the_run_and_its_manifest(pipelines, capsys, tmp_path):
+    args = ["--pretrained", str(pipelines["pixel"]), "--solver", "gm-ode2", "--class-ids", "1",
+            "--steps", "3", "--substeps", "2", "--guidance", "0.3", "--orthogonal-guidance", "0",
+            "--guidance-interval", "0.2", "0.8", "--gm2-coefs", "0.01", "0.5",
+            "--gm2-correction-steps", "1", "--shift", "2.5",
+            "--out-dir", str(tmp_path / "a")]  # fmt: skip
+    code, _, err = _run(args, capsys)
+    assert code == 0, err
+    sampler = json.loads((tmp_path / "a" / "samples.json").read_text())["sampler"]
+    assert (sampler["orthogonal_guidance"], sampler["guidance_interval"]) == (0.0, [0.2, 0.8])
+    assert (sampler["gm2_coefs"], sampler["gm2_correction_steps"]) == ([0.01, 0.5], 1)
+    assert sampler["shift"] == 2.5
+    default = args[:12] + ["--out-dir", str(tmp_path / "b")]  # same up to --guidance 0.3
+    assert _run(default, capsys)[0] == 0
+    png = sorted((tmp_path / "a").glob("sample-*.png"))[0].read_bytes()
+    assert png != sorted((tmp_path / "b").glob("sample-*.png"))[0].read_bytes()
 
 
 @pytest.mark.parametrize("solver", list(SOLVERS))
@@ -141,6 +173,11 @@ def test_latent_pipeline_decodes_through_its_vae(pipelines, capsys, tmp_path):
         (["--guidance", "1.0"], "--guidance 1.0 is outside [0, 1)"),
         (["--solver", "gm-sde2", "--substeps", "4"], "only used by the GM-ODE solvers"),
         (["--run", "runs/x"], "exactly one model"),
+        (["--orthogonal-guidance", "1.5"], "--orthogonal-guidance 1.5 is outside [0, 1]"),
+        (["--guidance-interval", "0.9", "0.1"], "0 <= sigma_a <= sigma_b <= 1"),
+        (["--solver", "gm-ode", "--gm2-correction-steps", "2"], "refines the order-2"),
+        (["--gm2-coefs", "-1", "1"], "--gm2-coefs"),
+        (["--shift", "0"], "--shift 0.0 must be a finite number > 0"),
     ],
 )
 def test_bad_options_exit_1_with_a_message(args, message, pipelines, capsys, tmp_path):
