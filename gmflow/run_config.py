@@ -149,6 +149,9 @@ class ValidationConfig:
     num_substeps: int | None = 8
     guidance_scale: float = 0.04
     num_images: int = 16
+    # decode latent grids with: "auto" (the VAE named by the shards' manifest.json, if it loads;
+    # else the grid shows latent channels), "none", or a VAE hub id / folder (checked at start)
+    vae: str = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)

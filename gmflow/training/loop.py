@@ -30,7 +30,7 @@ from gmflow.training.distributed import DistInfo, barrier, cleanup_distributed, 
 from gmflow.training.ema import EMA, EMASchedule
 from gmflow.training.logs import MetricsLogger
 from gmflow.training.optim import build_optimizer, lr_at
-from gmflow.training.validation import save_validation_grid
+from gmflow.training.validation import load_validation_vae, save_validation_grid
 
 __all__ = ["TrainResult", "ProgressFn", "train"]
 
@@ -140,6 +140,10 @@ def _train(
     torch.manual_seed(cfg.train.seed + dist.rank)
     objective = build_objective(cfg).to(device)
     data = build_batches(cfg, dist)  # validates shards against the model before step 0
+    val_vae = None
+    if dist.is_main:  # before step 0, and without touching the training RNG streams
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            val_vae = load_validation_vae(cfg, device)
     optimizer = build_optimizer(objective, cfg.optim, device)
     ema = EMA(objective, ema_schedule(cfg)) if cfg.ema.kind != "none" else None
 
@@ -253,7 +257,7 @@ def _train(
             metrics_log.log(done, row)
             window, step_seconds = [], 0.0
         if cfg.validation.every and done % cfg.validation.every == 0 and dist.is_main:
-            save_validation_grid(cfg, objective, ema, run_dir, done, device, metrics_log)
+            save_validation_grid(cfg, objective, ema, run_dir, done, device, metrics_log, val_vae)
         if (
             done % cfg.train.checkpoint_every == 0
             or done == end_step

@@ -13,7 +13,7 @@ from torch import nn
 
 from gmflow.run_config import RunConfig
 
-__all__ = ["save_validation_grid", "samples_to_grid"]
+__all__ = ["save_validation_grid", "samples_to_grid", "load_validation_vae"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,40 @@ def samples_to_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
     return grid.permute(1, 2, 0).numpy()
 
 
+def load_validation_vae(cfg: RunConfig, device: torch.device) -> Any:
+    """The VAE that decodes latent validation grids, or None to show latent channels (spec 5.3).
+
+    ``validation.vae``: "none" -> None; "auto" -> the encoder named by the shards' manifest.json
+    for latent data, with a warning and None when it cannot be loaded (offline, no cache), so a
+    run never stops for a preview; a hub id or folder -> that VAE, and a CheckpointError before
+    step 0 if it cannot be loaded.
+    """
+    spec = cfg.validation.vae
+    if spec == "none" or cfg.model.arch != "gmdit" or not cfg.validation.every:
+        return None
+    from gmflow.models.vae import load_vae
+
+    if spec != "auto":
+        return load_vae(spec, device=device)
+    if cfg.data.kind != "shards":
+        return None
+    from gmflow.data.manifest import read_manifest
+    from gmflow.errors import GMFlowError
+
+    try:
+        manifest = read_manifest(cfg.data.path)
+        if manifest.mode != "latent" or not manifest.encoder:
+            return None
+        return load_vae(manifest.encoder, device=device)
+    except (GMFlowError, ImportError, OSError) as err:
+        logger.warning(
+            "validation grids will show latent channels: the dataset's VAE cannot be loaded (%s); "
+            "set validation.vae to a local VAE folder to decode them",
+            err,
+        )
+        return None
+
+
 @torch.no_grad()
 def save_validation_grid(
     cfg: RunConfig,
@@ -44,11 +78,12 @@ def save_validation_grid(
     step: int,
     device: torch.device,
     metrics_log: Any,
+    vae: Any = None,
 ) -> Path:
     """Sample the EMA model with the recipe's validation solver and save ``samples/step-N.png``.
 
-    Pixel-space models are shown directly; latent models show their first three latent
-    channels (decoding needs the VAE, which training does not load).
+    Pixel-space models are shown directly. Latent models are decoded with ``vae`` (see
+    :func:`load_validation_vae`); without one, the grid shows their first three latent channels.
     """
     from PIL import Image
 
@@ -93,7 +128,11 @@ def save_validation_grid(
             spectrum_net=model.spectrum_net if v.solver == "gm-sde" else None,
             generator=loop_gen,
         )
-        if m.in_channels not in (1, 3):
+        if vae is not None:
+            from gmflow.model_loading import decode_images
+
+            x = decode_images(x, vae) * 2 - 1  # [0, 1] images -> the grid's [-1, 1]
+        elif m.in_channels not in (1, 3):
             x = x / x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
         grid = samples_to_grid(x, nrow=int(np.ceil(np.sqrt(n))))
     Image.fromarray(grid).save(path)
