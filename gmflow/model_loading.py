@@ -106,7 +106,7 @@ def _load_run(cfg: SampleConfig, dtype: torch.dtype) -> LoadedModel:
     from gmflow.training.build import load_run
 
     assert cfg.run is not None
-    run_cfg, denoiser, spectrum_net = load_run(cfg.run, use_ema=cfg.use_ema)
+    run_cfg, denoiser, spectrum_net = load_run(cfg.run, use_ema=cfg.use_ema, step=cfg.step)
     m = run_cfg.model
     if m.arch != "gmdit":
         raise ConfigError(

@@ -76,6 +76,7 @@ class SampleConfig:
     device: str = "cpu"  # cpu, cuda or cuda:N
     vae: str | None = None  # run only: hub id/folder, "none"; None = from manifest
     use_ema: bool = True  # run only: EMA weights (else the raw ones)
+    step: int | None = None  # run only: the checkpoint's training step; None = the latest
     variant: str | None = None  # pretrained only: weights variant; None = auto
 
     def __post_init__(self) -> None:
@@ -116,6 +117,10 @@ class SampleConfig:
             raise ConfigError(f"--device {self.device!r}; expected cpu, cuda or cuda:N")
         if self.run is None and (self.vae is not None or not self.use_ema):
             raise ConfigError("--vae and use_ema apply to --run only (a pipeline has its own VAE)")
+        if self.step is not None:
+            if self.run is None:
+                raise ConfigError("--step picks a checkpoint of a --run; a pipeline has one")
+            _check_int("step", self.step, minimum=0)
         if self.pretrained is None and self.variant is not None:
             raise ConfigError("variant applies to --pretrained only")
 

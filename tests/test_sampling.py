@@ -233,6 +233,32 @@ def test_run_folder_samples_its_ema_weights(tmp_path):
         generate(replace(cfg, vae=None))
 
 
+def test_step_picks_a_checkpoint_of_the_run(tmp_path):
+    """--step N samples the EMA weights saved at step N; the default is the latest checkpoint."""
+    from gmflow.training.build import build_objective, load_run
+    from gmflow.training.checkpoint import save_checkpoint
+
+    cfg_run, ema3 = _write_run(tmp_path / "run")  # a checkpoint at step 3
+    ema5 = build_objective(cfg_run)
+    for p in ema5.parameters():
+        p.data.normal_(0, 0.05)
+    state = ema5.state_dict()
+    save_checkpoint(tmp_path / "run", 5, model_state=state, ema_state=state, train_state={})
+    for step, want in ((3, ema3), (5, ema5), (None, ema5)):
+        _, denoiser, _ = load_run(tmp_path / "run", step=step)
+        for (name, got), ref in zip(denoiser.state_dict().items(),
+                                    want.denoiser.state_dict().values(), strict=True):  # fmt: skip
+            assert torch.equal(got, ref), (step, name)
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint at step 4; .* \[3, 5\]"):
+        load_run(tmp_path / "run", step=4)
+    cfg = SampleConfig(out_dir=tmp_path / "a", run=tmp_path / "run", vae="none", class_ids=(2,),
+                       num_steps=2, solver="euler", step=3)  # fmt: skip
+    old = generate(cfg)
+    new = generate(replace(cfg, out_dir=tmp_path / "b", step=None))
+    assert not np.array_equal(_png(old.image_paths[0]), _png(new.image_paths[0]))
+    assert json.loads(old.manifest_path.read_text())["settings"]["step"] == 3
+
+
 def test_run_folder_errors(tmp_path):
     from gmflow.training.build import build_objective
     from gmflow.training.checkpoint import save_checkpoint
@@ -273,6 +299,9 @@ def test_run_folder_errors(tmp_path):
         (dict(batch_size=0), "batch_size must be an integer >= 1"),
         (dict(class_ids=(3, -1)), "class id must be an integer >= 0, got -1"),
         (dict(vae="none"), "--run only"),
+        (dict(step=3), "--step picks a checkpoint of a --run"),
+        (dict(pretrained=None, run=Path("run"), step=-1), "step must be an integer >= 0"),
+        (dict(orthogonal_guidance=1.5), "--orthogonal-guidance 1.5"),
     ],
 )
 def test_config_errors(kwargs, match, tmp_path):

@@ -132,6 +132,7 @@ def _load_model(cfg: EvalConfig, device: str) -> Any:
         device=device,
         vae=cfg.vae,
         use_ema=cfg.use_ema,
+        step=cfg.step,
         variant=cfg.variant,
     )
     return load_model(sample_cfg)

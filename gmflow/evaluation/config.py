@@ -82,6 +82,7 @@ class EvalConfig:
     pretrained: str | None = None  # GMDiTPipeline folder or hub id
     run: Path | None = None  # training run folder (config.yaml + checkpoints/)
     use_ema: bool = True  # run only: EMA weights
+    step: int | None = None  # run only: the checkpoint's training step; None = the latest
     vae: str | None = None  # run only: VAE hub id/folder or "none"; None = from the run's manifest
     variant: str | None = None  # pretrained only: weights variant (None = the only one there)
     dtype: Literal["fp32", "bf16"] = "fp32"  # network weights (the paper ran bf16)
@@ -117,6 +118,9 @@ class EvalConfig:
             )
         if self.run is None and (self.vae is not None or not self.use_ema):
             raise ConfigError("vae and use_ema apply to --run only (a pipeline has its own VAE)")
+        if self.step is not None and self.run is None:
+            raise ConfigError("--step picks a checkpoint of a --run; a pipeline has one")
+        _check_int("step", self.step, allow_none=True, minimum=0)
         if not self.reference:
             raise ConfigError(
                 "no reference set: pass --reference REF, the ADM reference batch "
@@ -178,6 +182,7 @@ class EvalConfig:
         settings: dict[str, Any] = {
             "model": self.pretrained if self.pretrained is not None else str(self.run),
             "use_ema": self.use_ema,
+            "step": self.step,
             "vae": self.vae,
             "variant": self.variant,
             "dtype": self.dtype,

@@ -154,17 +154,28 @@ def build_objective(cfg: RunConfig) -> GMFlowObjective:
 
 
 def load_run(
-    run_dir: str | Path, *, use_ema: bool = True, map_location: str = "cpu"
+    run_dir: str | Path,
+    *,
+    use_ema: bool = True,
+    map_location: str = "cpu",
+    step: int | None = None,
 ) -> tuple[RunConfig, nn.Module, nn.Module | None]:
-    """Load a training run folder: its config and the latest (EMA) weights.
+    """Load a training run folder: its config and the (EMA) weights of one checkpoint.
+
+    Args:
+        run_dir: the folder given to ``gmflow train``.
+        use_ema: the EMA weights (else the raw ones).
+        map_location: where the weights are loaded.
+        step: the checkpoint's training step; None = the latest complete one.
 
     Returns:
         (config, denoiser, spectrum_net or None), in eval mode on ``map_location``.
 
     Raises:
-        CheckpointError: no config.yaml, no checkpoint, or weights that do not fit the config.
+        CheckpointError: no config.yaml, no (such) checkpoint, or weights that do not fit the
+            config.
     """
-    from gmflow.training.checkpoint import latest_checkpoint, load_checkpoint
+    from gmflow.training.checkpoint import list_checkpoints, load_checkpoint
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -172,18 +183,24 @@ def load_run(
             f"run folder '{run_dir}' has no config.yaml; pass the folder given to `gmflow train`"
         )
     cfg = load_recipe(run_dir / "config.yaml", RunConfig)
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
+    checkpoints = dict(list_checkpoints(run_dir))
+    if not checkpoints:
         raise CheckpointError(
             f"run folder '{run_dir}' has no complete checkpoint under checkpoints/"
         )
-    state = load_checkpoint(latest, map_location=map_location)
+    if step is not None and step not in checkpoints:
+        raise CheckpointError(
+            f"run folder '{run_dir}' has no complete checkpoint at step {step}; its checkpoints "
+            f"are at steps {sorted(checkpoints)}"
+        )
+    chosen = checkpoints[max(checkpoints) if step is None else step]
+    state = load_checkpoint(chosen, map_location=map_location)
     weights = state["ema"] if use_ema and state["ema"] is not None else state["model"]
     objective = build_objective(cfg)
     missing, unexpected = objective.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {latest} does not match config.yaml: missing {missing[:5]}, "
+            f"checkpoint {chosen} does not match config.yaml: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
     objective.eval()

@@ -78,8 +78,9 @@ def export_pipeline(
     vae: str | None = "auto",
     use_ema: bool = True,
     variant: str | None = None,
+    step: int | None = None,
 ) -> Path:
-    """Write the run's latest (EMA) weights as a pipeline folder.
+    """Write the (EMA) weights of one of the run's checkpoints as a pipeline folder.
 
     Args:
         run_dir: the training run folder (config.yaml + checkpoints/).
@@ -88,6 +89,7 @@ def export_pipeline(
             or a hub id / local folder of a diffusers AutoencoderKL.
         use_ema: export the EMA weights (default) or the raw training weights.
         variant: e.g. "bf16" to also cast and save the weights as that variant.
+        step: the checkpoint's training step; None = the latest.
 
     Returns:
         The pipeline folder.
@@ -99,7 +101,7 @@ def export_pipeline(
     from gmflow.pipelines.models import GMDiTTransformer2DModel, SpectrumMLPModel
     from gmflow.training.build import load_run
 
-    cfg, denoiser, spectrum_net = load_run(run_dir, use_ema=use_ema)
+    cfg, denoiser, spectrum_net = load_run(run_dir, use_ema=use_ema, step=step)
     m = cfg.model
     transformer = GMDiTTransformer2DModel(**official_transformer_config(m))
     transformer.load_state_dict(denoiser.state_dict())

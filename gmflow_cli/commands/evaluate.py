@@ -80,6 +80,14 @@ def evaluate(
         Path | None,
         typer.Option("--run", help="Training run folder (EMA weights).", show_default=False),
     ] = None,
+    step: Annotated[
+        int | None,
+        typer.Option(
+            "--step",
+            help="--run only: the checkpoint's training step (default: the latest).",
+            show_default=False,
+        ),
+    ] = None,
     recipe: Annotated[
         Path | None,
         typer.Option(
@@ -171,6 +179,7 @@ def evaluate(
     given: dict[str, Any] = {
         "pretrained": pretrained,
         "run": run,
+        "step": step,
         "reference": reference,
         "guidance_scales": _guidance_scales(guidance_sweep) if guidance_sweep else None,
         "solvers": tuple(solvers) if solvers else None,
@@ -186,7 +195,7 @@ def evaluate(
     if recipe is not None:  # precedence: recipe < flags < --set
         cfg = load_recipe(recipe, EvalConfig)
         if "run" in given or "pretrained" in given:  # a model flag replaces the recipe's model
-            given = {"pretrained": None, "run": None, **given}
+            given = {"pretrained": None, "run": None, "step": None, **given}
         cfg = dataclasses.replace(cfg, **given)
     else:
         cfg = EvalConfig(**given)

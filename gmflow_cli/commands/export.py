@@ -30,8 +30,16 @@ def export(
     variant: Annotated[
         str | None, typer.Option("--variant", help="Also save a 'bf16' or 'fp16' weights variant.")
     ] = None,
+    step: Annotated[
+        int | None,
+        typer.Option(
+            "--step",
+            help="The checkpoint's training step (default: the latest).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Export a run's latest EMA weights as a pipeline for `gmflow sample --pretrained`.
+    """Export a run's EMA weights (latest checkpoint, or --step) as a pipeline for sampling.
 
     Examples:
 
@@ -41,5 +49,5 @@ def export(
     """
     from gmflow.training.export import export_pipeline
 
-    path = export_pipeline(run_dir, out_dir, vae=vae, use_ema=use_ema, variant=variant)
+    path = export_pipeline(run_dir, out_dir, vae=vae, use_ema=use_ema, variant=variant, step=step)
     typer.echo(f"wrote the pipeline to {path}")

@@ -36,6 +36,14 @@ def sample(
             "--run", help="Training run folder (its latest EMA weights).", show_default=False
         ),
     ] = None,
+    step: Annotated[
+        int | None,
+        typer.Option(
+            "--step",
+            help="--run only: the checkpoint's training step (default: the latest).",
+            show_default=False,
+        ),
+    ] = None,
     solver: Annotated[
         str,
         typer.Option("--solver", help="gm-ode2, gm-sde2, gm-ode, gm-sde, euler, heun or ddpm."),
@@ -172,6 +180,7 @@ def sample(
         dtype=dtype,
         device=device,
         vae=vae,
+        step=step,
     )
     bar = progress_bar()
     task = bar.add_task("sampling", total=None, info="steps")

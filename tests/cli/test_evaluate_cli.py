@@ -103,6 +103,11 @@ def test_recipe_then_flags_then_set(captured, capsys):
     assert cfg.run == Path("RUN") and cfg.pretrained is None  # --run replaces the recipe's model
     assert (cfg.reference, cfg.num_samples, cfg.keep_samples) == ("R.npz", 200, False)
     assert cfg.guidance_scales == PAPER_GUIDANCE_SCALES and cfg.dtype == "bf16"  # from the recipe
+    code, _, err = _run(["--run", "RUN", "--step", "4000", "--reference", "R.npz"], capsys)
+    assert code == 0, err
+    assert captured[-1].step == 4000 and captured[-1].sample_settings()["step"] == 4000
+    code, _, err = _run(["--pretrained", "P", "--step", "4000", "--reference", "R.npz"], capsys)
+    assert code == 1 and "--step picks a checkpoint of a --run" in err
 
 
 def test_dry_run_prints_the_resolved_config(capsys):

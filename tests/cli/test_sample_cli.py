@@ -92,6 +92,8 @@ def test_options_reach_sample_config(captured, capsys, tmp_path):
     assert cfg.class_ids == (17, 18) and cfg.run == Path("RUN") and cfg.num_substeps == 4
     assert (cfg.num_steps, cfg.guidance_scale, cfg.seed, cfg.batch_size) == (8, 0.0, 3, 2)
     assert (cfg.dtype, cfg.num_per_class, cfg.vae) == ("bf16", 5, "none")
+    assert cfg.step is None
+    assert _run([*args, "--step", "1000"], capsys)[0] == 0 and captured[-1].step == 1000
     args = [
         "--pretrained",
         "D",

@@ -136,3 +136,12 @@ def test_sample_from_the_exported_pipeline(pixel_run, tmp_path):
 def test_export_of_a_missing_run_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path / "nope"), str(tmp_path / "out")])
     assert result.exit_code != 0
+
+
+def test_export_picks_a_checkpoint_by_step(pixel_run, tmp_path):
+    args = ["export", str(pixel_run / "run"), str(tmp_path / "pipe"), "--step", "3"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*args[:3], "--step", "2"])
+    assert result.exit_code == 1
+    assert "no complete checkpoint at step 2" in result.output and "[3]" in result.output
