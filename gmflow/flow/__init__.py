@@ -49,7 +49,7 @@ from gmflow.flow.path import (
 )
 from gmflow.flow.sample_options import SOLVERS
 from gmflow.flow.second_order import SecondOrderState, second_order_correction
-from gmflow.flow.solvers import Denoiser, sample
+from gmflow.flow.solvers import Denoiser, SamplerStep, sample
 from gmflow.flow.steps import default_num_substeps, flow_euler_step, flow_sde_step
 from gmflow.flow.timesteps import (
     TRAIN_SIGMA_EPS,
@@ -97,4 +97,5 @@ __all__ = [
     "flow_sde_step",
     "default_num_substeps",
     "sample",
+    "SamplerStep",
 ]

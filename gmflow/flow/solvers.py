@@ -8,6 +8,7 @@ keeps the state x in fp32 (fp64 when the noise is fp64) whatever the network dty
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -33,7 +34,35 @@ __all__ = [
     "flow_sde_step",
     "default_num_substeps",
     "sample",
+    "SamplerStep",
 ]
+
+
+@dataclass(frozen=True)
+class SamplerStep:
+    """What ``sample(..., callback=...)`` reports after each network step (spec 17.1's
+    ``save_intermediate``): the step's levels, states and x0 predictions.
+
+    Attributes:
+        index: 1-based network step, up to ``num_steps``.
+        num_steps: N.
+        sigma: the level the step starts from; ``sigma_next``: where it ends.
+        x_t: the state at ``sigma``, (B, C, H, W).
+        gm_x0: the x0-GM the step used (after guidance and the order-2 correction); None for
+            the ``heun`` steps that average two evaluations (all but its last, Euler, step).
+        x0_hat: the step's first x0 estimate: the GM mean (ODE solvers, baselines) or the GM-SDE
+            draw.
+        x: the state at ``sigma_next``.
+    """
+
+    index: int
+    num_steps: int
+    sigma: float
+    sigma_next: float
+    x_t: Tensor
+    gm_x0: GaussianMixture | None
+    x0_hat: Tensor
+    x: Tensor
 
 
 Denoiser = Callable[[Tensor, Tensor, Tensor | None], GaussianMixture]
@@ -117,6 +146,7 @@ def _sample_gm(
     spectrum_net: Callable[[IsoGaussian], Tensor] | None,
     progress: Callable[[int, int], None] | None,
     gm2_correction_steps: int = 0,
+    callback: Callable[[SamplerStep], None] | None = None,
 ) -> Tensor:
     """The GM-SDE / GM-ODE loop of spec 8.2 (N network steps, S sub-steps each)."""
     grid = sigma_grid(num_steps * num_substeps, shift).tolist()
@@ -135,20 +165,23 @@ def _sample_gm(
                 correction_steps=gm2_correction_steps,
             )  # fmt: skip
         x_base = x
+        first_x0 = x
         for q in range(num_substeps):
             s, s_next = grid[j0 + q], grid[j0 + q + 1]
             if q > 0:  # GM-ODE sub-step: re-condition the GM on the moved state (spec 3.5)
                 x0_hat = posterior_mean(gm, x_base, sigma, x, s)
             elif sde:
-                x0_hat = _draw_x0(gm, g, spectrum_net, generator)
+                x0_hat = first_x0 = _draw_x0(gm, g, spectrum_net, generator)
             else:
-                x0_hat = gm_to_mean(gm)
+                x0_hat = first_x0 = gm_to_mean(gm)
             if not sde:
                 x = flow_euler_step(x, x0_hat, s, s_next)
             elif s_next == 0:
                 x = x0_hat
             else:
                 x = flow_sde_step(x, x0_hat, s, s_next, _randn_like(x, generator))
+        if callback is not None:
+            callback(SamplerStep(i + 1, num_steps, sigma, sigma_end, x_base, gm, first_x0, x))
         if progress is not None:
             progress(i + 1, num_steps)
     return x
@@ -164,16 +197,16 @@ def _sample_mean(
     shift: float,
     generator: Generators,
     progress: Callable[[int, int], None] | None,
+    callback: Callable[[SamplerStep], None] | None = None,
 ) -> Tensor:
     """Flow-matching baselines driven by the GM mean only: Euler, Heun, DDPM (spec 8.1)."""
     grid = sigma_grid(num_steps, shift).tolist()
 
-    def x0_mean(x_t: Tensor, sigma: float) -> Tensor:
-        return gm_to_mean(_evaluate(denoiser, x_t, sigma, guidance)[0])
-
     for i in range(num_steps):
         s, s_next = grid[i], grid[i + 1]
-        x0_hat = x0_mean(x, s)
+        x_t = x
+        gm = _evaluate(denoiser, x, s, guidance)[0]
+        x0_hat = gm_to_mean(gm)
         if solver == "ddpm":
             noise = _randn_like(x, generator) if s_next > 0 else None
             x = x0_hat if noise is None else flow_sde_step(x, x0_hat, s, s_next, noise)
@@ -181,9 +214,12 @@ def _sample_mean(
             x = flow_euler_step(x, x0_hat, s, s_next)
         else:  # heun: average the velocities at both ends (the last step stays Euler)
             x_euler = flow_euler_step(x, x0_hat, s, s_next)
-            x0_end = x0_mean(x_euler, s_next)
+            x0_end = gm_to_mean(_evaluate(denoiser, x_euler, s_next, guidance)[0])
             u = 0.5 * ((x - x0_hat) / s + (x_euler - x0_end) / s_next)
             x = x + (s_next - s) * u
+            gm = None  # the step averaged two evaluations
+        if callback is not None:
+            callback(SamplerStep(i + 1, num_steps, s, s_next, x_t, gm, x0_hat, x))
         if progress is not None:
             progress(i + 1, num_steps)
     return x
@@ -209,6 +245,7 @@ def sample(
     generator: Generators = None,
     spectrum_net: Callable[[IsoGaussian], Tensor] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    callback: Callable[[SamplerStep], None] | None = None,
 ) -> Tensor:
     """Integrate from σ = 1 (the given noise) to σ = 0 with a GM or baseline solver (spec 8.2).
 
@@ -258,6 +295,8 @@ def sample(
         spectrum_net: for ``gm-sde``: maps the x0 iso Gaussian to a log power spectrum (B, C, H, W);
             x̂0 is then drawn by ``gmflow.flow.spectral.spectral_sample`` (spec 9.3).
         progress: called as progress(step, num_steps) after each network step.
+        callback: called with a :class:`SamplerStep` after each network step (intermediate
+            states, x0-GMs and x0 estimates; for plots and debugging). Costs nothing when None.
 
     Returns:
         x at σ = 0, (B, C, H, W), fp32 (fp64 if ``noise`` is fp64).
@@ -297,6 +336,7 @@ def sample(
                 generator=generator,
                 spectrum_net=spectrum_net,
                 progress=progress,
+                callback=callback,
             )
         return _sample_mean(
             denoiser,
@@ -307,4 +347,5 @@ def sample(
             shift=shift,
             generator=generator,
             progress=progress,
+            callback=callback,
         )

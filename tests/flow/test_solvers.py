@@ -673,3 +673,41 @@ def test_per_row_generators_make_samples_independent_of_the_batch(solver, order)
     if solver != "gm-ode":  # gm-ode draws nothing
         with pytest.raises(ValueError, match="got 2 generators for a draw of shape"):
             sample(denoiser, noise, generator=row_generators(seeds[:2]), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"solver": "gm-ode", "num_substeps": 3, "order": 2, "guidance_scale": 0.3},
+        {"solver": "gm-sde", "order": 2},
+        {"solver": "euler"},
+        {"solver": "heun"},
+        {"solver": "ddpm"},
+    ],
+)
+def test_callback_reports_every_network_step(kwargs):
+    """spec 17.1 save_intermediate: the callback sees the trajectory the sampler returns."""
+    from gmflow.flow import SamplerStep
+
+    den, x1 = data_classes(), noise(64, 2)
+    labels = torch.randint(0, 2, (64,), generator=torch.Generator().manual_seed(1))
+    args = {"num_steps": 4, "class_labels": labels, "null_class_id": NULL} | kwargs
+    steps: list[SamplerStep] = []
+    gen = torch.Generator().manual_seed(2)
+    out = sample(den, x1, generator=gen, callback=steps.append, **args)
+    again = sample(den, x1, generator=torch.Generator().manual_seed(2), **args)
+    assert_close(out, again, rtol=0, atol=0)  # observing changes nothing
+    assert [s.index for s in steps] == [1, 2, 3, 4] and steps[0].num_steps == 4
+    grid = sigma_grid(4).tolist()
+    assert [(s.sigma, s.sigma_next) for s in steps] == list(zip(grid[:-1], grid[1:], strict=True))
+    assert torch.equal(steps[0].x_t, x1) and torch.equal(steps[-1].x, out)
+    for a, b in zip(steps[:-1], steps[1:], strict=True):
+        assert torch.equal(a.x, b.x_t)  # consecutive steps chain
+    for s in steps:
+        assert s.x0_hat.shape == x1.shape
+        if kwargs["solver"] == "heun" and s.index < 4:  # its last step is an Euler step
+            assert s.gm_x0 is None
+        else:
+            assert s.gm_x0.means.shape[0] == 64 and s.gm_x0.means.shape[-3:] == (2, 1, 1)
+    if kwargs["solver"] in ("gm-ode", "euler"):  # the first estimate is the x0-GM's mean
+        assert_close(steps[1].x0_hat, gm_to_mean(steps[1].gm_x0))
