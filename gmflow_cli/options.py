@@ -19,3 +19,11 @@ OverrideOpt = Annotated[
 DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Print the resolved config and exit without running.")
 ]
+StepOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--step",
+        help="The training step of the run's checkpoint to use (default: the latest).",
+        show_default=False,
+    ),
+]

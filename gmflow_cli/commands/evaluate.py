@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-from gmflow_cli.options import DryRunOpt, OverrideOpt
+from gmflow_cli.options import DryRunOpt, OverrideOpt, StepOpt
 
 MULTI_VALUE_OPTIONS = ("--guidance-sweep", "--solvers", "--steps")
 
@@ -80,14 +80,7 @@ def evaluate(
         Path | None,
         typer.Option("--run", help="Training run folder (EMA weights).", show_default=False),
     ] = None,
-    step: Annotated[
-        int | None,
-        typer.Option(
-            "--step",
-            help="--run only: the checkpoint's training step (default: the latest).",
-            show_default=False,
-        ),
-    ] = None,
+    step: StepOpt = None,
     recipe: Annotated[
         Path | None,
         typer.Option(

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from gmflow_cli.options import StepOpt
+
 
 def export(
     run_dir: Annotated[
@@ -30,14 +32,7 @@ def export(
     variant: Annotated[
         str | None, typer.Option("--variant", help="Also save a 'bf16' or 'fp16' weights variant.")
     ] = None,
-    step: Annotated[
-        int | None,
-        typer.Option(
-            "--step",
-            help="The checkpoint's training step (default: the latest).",
-            show_default=False,
-        ),
-    ] = None,
+    step: StepOpt = None,
 ) -> None:
     """Export a run's EMA weights (latest checkpoint, or --step) as a pipeline for sampling.
 

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from gmflow_cli.options import StepOpt
+
 SAMPLE_CONTEXT = {"allow_extra_args": True}
 """Registration settings: the values after the first of ``--classes jay magpie`` reach the
 command as extra arguments (Typer options take one value per flag) and are appended to the
@@ -36,14 +38,7 @@ def sample(
             "--run", help="Training run folder (its latest EMA weights).", show_default=False
         ),
     ] = None,
-    step: Annotated[
-        int | None,
-        typer.Option(
-            "--step",
-            help="--run only: the checkpoint's training step (default: the latest).",
-            show_default=False,
-        ),
-    ] = None,
+    step: StepOpt = None,
     solver: Annotated[
         str,
         typer.Option("--solver", help="gm-ode2, gm-sde2, gm-ode, gm-sde, euler, heun or ddpm."),
