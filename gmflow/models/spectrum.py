@@ -60,11 +60,15 @@ def crop_spectrum(spectrum: Tensor, size: tuple[int, int]) -> Tensor:
     base_h, base_w = spectrum.shape[-2:]
     if h > base_h or w > base_w:
         raise ValueError(f"crop_spectrum: cannot crop a {base_h}x{base_w} spectrum to {h}x{w}")
-    rows = torch.cat([torch.arange(0, (h + 1) // 2), torch.arange(base_h - h // 2, base_h)])
-    cols = torch.cat([torch.arange(0, (w + 1) // 2), torch.arange(base_w - w // 2, base_w)])
-    return spectrum.index_select(-2, rows.to(spectrum.device)).index_select(
-        -1, cols.to(spectrum.device)
-    )
+    if (h, w) == (base_h, base_w):
+        return spectrum
+    # Slices and a concatenation, not index_select with index tensors: those would be built on
+    # the host and copied to the device every sampling step, and a pageable host-to-device copy
+    # waits for the GPU queue (issue 4).
+    top, bottom = (h + 1) // 2, h // 2
+    left, right = (w + 1) // 2, w // 2
+    rows = torch.cat([spectrum[..., :top, :], spectrum[..., base_h - bottom :, :]], dim=-2)
+    return torch.cat([rows[..., :left], rows[..., base_w - right :]], dim=-1)
 
 
 class SpectrumMLP(nn.Module):

@@ -58,7 +58,7 @@ def test_spectrum_is_normalised_per_channel_and_sample(size):
     assert lam.std() > 0.1  # not trivially white
 
 
-@pytest.mark.parametrize("size", [(5, 6), (4, 7), (8, 3)])
+@pytest.mark.parametrize("size", [(5, 6), (4, 7), (8, 3), (8, 8), (1, 1), (1, 8), (2, 5)])
 def test_cropping_keeps_the_low_frequency_corner_blocks(size):
     # each small-grid frequency (signed, FFT ordering) must read the base grid at that frequency
     base_h, base_w = 8, 8
