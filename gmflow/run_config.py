@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gmflow.solver_names import SOLVER_VARIANTS
+
 __all__ = [
     "ModelConfig",
     "DataConfig",
@@ -17,6 +19,7 @@ __all__ = [
     "OptimConfig",
     "EMAConfig",
     "ValidationConfig",
+    "OnlineEvalConfig",
     "TrainConfig",
     "ToyBaselineConfig",
     "ToyEvalConfig",
@@ -155,6 +158,84 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OnlineEvalConfig:
+    """FID / IS / precision / recall of the EMA model during training (spec 11.1: every 20k steps).
+
+    Every ``every`` steps all ranks sample their share of ``num_samples`` images with one solver
+    setting, extract Inception features, and rank 0 logs ``eval/fid``, ``eval/is``,
+    ``eval/precision`` and ``eval/recall`` to metrics.jsonl and TensorBoard. The images are those
+    of ``gmflow evaluate`` for the same settings and seed (:func:`gmflow.evaluation.samples.
+    sample_batch`), so an online number can be re-checked offline with
+    ``gmflow evaluate --run RUN --step N``. The reference (ADM .npz, image folder or shards, as
+    ``gmflow evaluate --reference``) and the Inception weights are checked before step 0; the
+    reference features are computed once and cached under ``RUN/online_eval/``.
+    """
+
+    every: int = 0  # steps between evaluations (0 disables; the paper: 20000)
+    reference: str | None = None  # required when every > 0
+    inception_weights: str | None = None  # torch-fidelity's Inception-v3 .pth (None: its cache)
+    num_samples: int = 50_000
+    batch_size: int = 125  # images per network call and device
+    feature_batch_size: int = 100  # images per Inception call
+    solver: str = "gm-ode2"  # a gmflow sample solver name
+    num_steps: int = 16
+    num_substeps: int | None = 8  # GM-ODE only; None = the paper's default for num_steps
+    guidance_scale: float = 0.04  # probabilistic guidance w in [0, 1)
+    orthogonal_guidance: float = 1.0
+    seed: int = 0  # the sample seeds of gmflow evaluate (spec 11.2)
+    precision_recall: bool = True  # needs the reference's features (not a statistics-only .npz)
+    dtype: Literal["fp32", "bf16"] = "fp32"  # weights of the sampled copy of the EMA model
+    # latent models: the decoder, "auto" (the VAE named by the shards' manifest.json; an error
+    # before step 0 if it cannot be loaded) or a VAE hub id / folder
+    vae: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"online_eval.every must be >= 0 (0 disables), got {self.every}")
+        if self.every and not self.reference:
+            raise ValueError(
+                "online_eval.every > 0 needs online_eval.reference: an ADM .npz, an image folder "
+                "or gmflow cache-data shards (as gmflow evaluate --reference)"
+            )
+        if self.solver not in SOLVER_VARIANTS:
+            raise ValueError(
+                f"online_eval.solver: unknown {self.solver!r}; valid: {list(SOLVER_VARIANTS)}"
+            )
+        if min(self.num_samples, self.batch_size, self.feature_batch_size, self.num_steps) < 1:
+            raise ValueError(
+                "online_eval.num_samples, batch_size, feature_batch_size and num_steps must be >= 1"
+            )
+        if self.num_samples < 2:
+            raise ValueError("online_eval.num_samples must be >= 2 (FID needs a covariance)")
+        if self.precision_recall and self.num_samples <= 3:
+            raise ValueError(
+                "online_eval.precision_recall needs more than 3 samples (k = 3 nearest "
+                "neighbours); raise online_eval.num_samples or set precision_recall: false"
+            )
+        if self.num_substeps is not None and self.num_substeps < 1:
+            raise ValueError(f"online_eval.num_substeps must be >= 1, got {self.num_substeps}")
+        if not 0 <= self.guidance_scale < 1:
+            raise ValueError(
+                "online_eval.guidance_scale is the probabilistic guidance w and must lie in "
+                f"[0, 1), got {self.guidance_scale}"
+            )
+        if not 0 <= self.orthogonal_guidance <= 1:
+            raise ValueError(
+                "online_eval.orthogonal_guidance must lie in [0, 1], got "
+                f"{self.orthogonal_guidance}"
+            )
+        from gmflow.evaluation.config import NOISE_SEED_OFFSET, SEED_STRIDE
+
+        top = (2**32 - self.num_samples - NOISE_SEED_OFFSET) // SEED_STRIDE
+        if not 0 <= self.seed <= top:
+            raise ValueError(
+                f"online_eval.seed must lie in [0, {top}] for {self.num_samples} samples (sample i "
+                f"uses the generator seed s x {SEED_STRIDE} + i, which must stay below 2^32), "
+                f"got {self.seed}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The loop: batch, steps, precision, checkpoints, logs."""
 
@@ -257,6 +338,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    online_eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     toy: ToySectionConfig | None = None  # gmflow toy only; the trainer ignores it
 
@@ -265,6 +347,10 @@ class RunConfig:
             raise ValueError("data.kind='checkerboard' is 2-D data: it needs model.arch='mlp2d'")
         if self.model.arch == "mlp2d" and self.model.use_spectrum_net:
             raise ValueError("model.use_spectrum_net applies to images; set it false for mlp2d")
+        if self.model.arch == "mlp2d" and self.online_eval.every:
+            raise ValueError(
+                "online_eval (FID) applies to image models; set online_eval.every: 0 for mlp2d"
+            )
 
     def world_size(self) -> int:
         """The number of ranks implied by the batch settings."""

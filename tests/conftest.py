@@ -9,8 +9,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from gmflow.gm import GaussianMixture
 
@@ -140,3 +142,56 @@ def gm_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     """
     monkeypatch.setenv("GMFLOW_GM_BACKEND", request.param)
     return request.param
+
+
+# ---- evaluation: a stub feature extractor, random Inception weights, a reference batch ----------
+# The Inception-v3 of torch-fidelity runs at 299 x 299 (about 0.6 s per image on the 2-core CI
+# machine), so most tests use StubExtractor (an injected extractor, as ``evaluate`` and ``train``
+# allow) and the real network with random weights only runs in a few ``slow`` tests on few images.
+
+
+class StubExtractor:
+    """A cheap, deterministic, image-dependent stand-in for Inception (8 x 8 pooled pixels).
+
+    pool = tanh(P x) with x the image average-pooled to 8 x 8 in [0, 1] (192 values) and P a fixed
+    Gaussian (16, 192) matrix; logits = L pool with L (10, 16).
+    """
+
+    extractor_id = "stub-extractor/1"
+
+    def __init__(self, dim: int = 16) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.proj = torch.randn(192, dim, generator=g, dtype=torch.float64) / 4
+        self.head = torch.randn(dim, 10, generator=g, dtype=torch.float64)
+        self.calls = 0
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        self.calls += 1
+        x = torch.nn.functional.adaptive_avg_pool2d(images.double() / 255, 8).flatten(1)
+        pool = torch.tanh(x @ self.proj)
+        return pool.float(), (pool @ self.head).float()
+
+
+@pytest.fixture
+def stub() -> StubExtractor:
+    return StubExtractor()
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """torch-fidelity's Inception-v3 with Kaiming-random convolutions, saved once per session."""
+    from gmflow.evaluation.fid import write_random_inception_weights
+
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random.pth")
+
+
+@pytest.fixture(scope="session")
+def reference_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 smooth random 8 x 8 RGB images as an ADM-style reference batch (arr_0)."""
+    rng = np.random.default_rng(7)
+    low = rng.uniform(0, 255, (24, 2, 2, 3))
+    images = np.kron(low, np.ones((1, 4, 4, 1))) + rng.normal(0, 20, (24, 8, 8, 3))
+    path = tmp_path_factory.mktemp("reference") / "ref.npz"
+    np.savez(path, arr_0=images.clip(0, 255).astype(np.uint8))
+    return path

@@ -43,6 +43,14 @@ def test_imagenet_recipes_hold_the_paper_settings(name):
     assert cfg.loss.trans_ratio == 0.5 and cfg.model.use_spectrum_net
     assert (cfg.ema.kind, cfg.ema.ema_kimg, cfg.ema.rampup) == ("rampup", 30000, 0.05)
     assert cfg.train.precision == "bf16" and cfg.model.num_gaussians == 8
+    e = cfg.online_eval  # spec 11.1: GM-ODE 2, w = 0.04, 16 x 8 steps, 50k samples, 125 per GPU
+    assert e.every == 0 and e.reference is None  # off until a reference set is given
+    assert (e.solver, e.num_steps, e.num_substeps, e.guidance_scale) == ("gm-ode2", 16, 8, 0.04)
+    assert (e.num_samples, e.batch_size) == (50_000, 125)
+    on = load_recipe(
+        RECIPES / name, RunConfig, ["online_eval.every=20000", "online_eval.reference=ref.npz"]
+    )
+    assert on.online_eval.every == 20_000 and on.online_eval.reference == "ref.npz"
 
 
 def test_digits_recipe_keeps_digits_unflipped():

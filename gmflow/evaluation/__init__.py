@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gmflow.errors import CheckpointError, ConfigError, DataError, GMFlowError
+from gmflow.errors import ConfigError
 from gmflow.evaluation.config import (
     EVAL_SOLVERS,
     PAPER_GUIDANCE_SCALES,
@@ -49,10 +49,6 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): stage is "reference" or "<point id>: sampling|features"."""
 
-_ERRORS: dict[str, type[GMFlowError]] = {
-    e.__name__: e for e in (GMFlowError, ConfigError, DataError, CheckpointError)
-}
-
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -65,31 +61,6 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds, this process
     shards_written: int = 0  # by this process in this call
     shards_skipped: int = 0  # already on disk
-
-
-def _on_main(dist: Any, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 and share its (small) result; its error is raised on every rank.
-
-    Rank 0 re-raises its own exception; the other ranks raise the same GMFlowError subclass (or
-    GMFlowError for any other exception) with the same message, instead of waiting forever.
-    """
-    payload: list[Any] = [None]
-    error: BaseException | None = None
-    if dist.is_main:
-        try:
-            payload = [("ok", fn())]
-        except Exception as err:  # shared with the other ranks, then re-raised below
-            error = err
-            payload = [("error", type(err).__name__, f"rank 0: {err}")]
-    if dist.distributed:
-        import torch.distributed
-
-        torch.distributed.broadcast_object_list(payload, src=0)
-    if error is not None:
-        raise error
-    if payload[0][0] == "error":
-        raise _ERRORS.get(payload[0][1], GMFlowError)(payload[0][2])
-    return payload[0][1]
 
 
 def _check_sweep(cfg: EvalConfig) -> None:
@@ -173,7 +144,7 @@ def evaluate(
     from gmflow.evaluation.fid import InceptionFeatures, resolve_inception_weights
     from gmflow.evaluation.reference import load_reference, reference_kind
     from gmflow.evaluation.samples import generate_point, shard_specs
-    from gmflow.training.distributed import barrier, init_distributed
+    from gmflow.training.distributed import barrier, init_distributed, on_main
 
     t_start = time.perf_counter()
     timings = dict.fromkeys(
@@ -196,7 +167,7 @@ def evaluate(
         return None if weights is None else str(weights)
 
     try:
-        weights = _on_main(dist, preflight)
+        weights = on_main(dist, preflight)
         model = _load_model(cfg, device)
         points = sweep_points(cfg)
         state: dict[str, Any] = {}
@@ -220,7 +191,7 @@ def evaluate(
                 if not _metrics_valid(cfg.out_dir / "points" / p.id / "metrics.json", fp, xid)
             ]
 
-        todo = set(_on_main(dist, prepare_reference))
+        todo = set(on_main(dist, prepare_reference))
         written = skipped = 0
         for point in points:
             if point.id not in todo:

@@ -49,6 +49,8 @@ __all__ = [
     "images_to_uint8",
     "shard_specs",
     "point_complete",
+    "SampleBatch",
+    "sample_batch",
     "generate_point",
     "read_point",
 ]
@@ -135,6 +137,63 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class SampleBatch:
+    """Samples ``index`` of a point as uint8 images, with their labels and timings."""
+
+    labels: list[int]
+    images: NDArray[np.uint8]  # (B, H, W, 3)
+    sampling_s: float  # network + solver (synchronised)
+    decoding_s: float  # VAE decode (or pixel mapping) and the uint8 conversion
+
+
+def sample_batch(
+    model: Any, point: SweepPoint, index: range, seed: int, orthogonal_guidance: float = 1.0
+) -> SampleBatch:
+    """Draw samples ``index`` of ``point`` (the module docstring's seeds) as uint8 images.
+
+    The one sampling routine of ``gmflow evaluate`` and of in-training evaluation
+    (:mod:`gmflow.training.online_eval`), so both give the same images for the same settings.
+
+    Args:
+        model: a :class:`gmflow.model_loading.LoadedModel` (denoiser, spectrum net, VAE, shapes).
+        point: solver, steps, sub-steps and guidance scale.
+        index: the sample indices (any batching gives the same images).
+        seed: the evaluation seed.
+        orthogonal_guidance: o of probabilistic guidance.
+    """
+    from gmflow.flow import sample
+    from gmflow.model_loading import decode_images
+
+    solver, order = EVAL_SOLVERS[point.solver]
+    device = next(model.denoiser.parameters()).device
+    shape = (model.in_channels, model.sample_size, model.sample_size)
+    labels, noise = sample_inputs(index, seed, model.num_classes, shape)
+    generator = None
+    if point.stochastic:
+        generator = row_generators([_loop_seed(seed, i) for i in index], device)
+    t0 = time.perf_counter()
+    x0 = sample(
+        model.denoiser,
+        noise.to(device),
+        solver=solver,
+        num_steps=point.num_steps,
+        num_substeps=point.num_substeps if solver == "gm-ode" else None,
+        order=order,
+        guidance_scale=point.guidance_scale,
+        orthogonal_guidance=orthogonal_guidance,
+        null_class_id=model.num_classes,
+        shift=model.shift,
+        class_labels=labels.to(device),
+        generator=generator,
+        spectrum_net=model.spectrum_net if solver == "gm-sde" else None,
+    )
+    _sync(device)
+    t1 = time.perf_counter()
+    images = images_to_uint8(decode_images(x0, model.vae))
+    return SampleBatch(labels.tolist(), images, t1 - t0, time.perf_counter() - t1)
+
+
 def generate_point(
     model: Any,
     point: SweepPoint,
@@ -165,13 +224,8 @@ def generate_point(
         Shards written and skipped, and the time spent sampling and decoding.
     """
     from gmflow.data.shard_io import ShardSample, ShardWriter
-    from gmflow.flow import sample
-    from gmflow.model_loading import decode_images
 
     point_dir.mkdir(parents=True, exist_ok=True)
-    solver, order = EVAL_SOLVERS[point.solver]
-    device = next(model.denoiser.parameters()).device
-    shape = (model.in_channels, model.sample_size, model.sample_size)
     stats = SamplingStats()
     for spec in shard_specs(num_samples, shard_size)[rank::world_size]:
         path = point_dir / spec.name
@@ -184,35 +238,13 @@ def generate_point(
         try:
             for first in range(spec.start, spec.stop, batch_size):
                 index = range(first, min(first + batch_size, spec.stop))
-                labels, noise = sample_inputs(index, seed, model.num_classes, shape)
-                generator = None
-                if point.stochastic:
-                    generator = row_generators([_loop_seed(seed, i) for i in index], device)
-                t0 = time.perf_counter()
-                x0 = sample(
-                    model.denoiser,
-                    noise.to(device),
-                    solver=solver,
-                    num_steps=point.num_steps,
-                    num_substeps=point.num_substeps if solver == "gm-ode" else None,
-                    order=order,
-                    guidance_scale=point.guidance_scale,
-                    orthogonal_guidance=orthogonal_guidance,
-                    null_class_id=model.num_classes,
-                    shift=model.shift,
-                    class_labels=labels.to(device),
-                    generator=generator,
-                    spectrum_net=model.spectrum_net if solver == "gm-sde" else None,
-                )
-                _sync(device)
-                t1 = time.perf_counter()
-                images = images_to_uint8(decode_images(x0, model.vae))
+                batch = sample_batch(model, point, index, seed, orthogonal_guidance)
                 t2 = time.perf_counter()
-                for i, label, image in zip(index, labels.tolist(), images, strict=True):
+                for i, label, image in zip(index, batch.labels, batch.images, strict=True):
                     key = f"{i:09d}"
                     writer.write(ShardSample(key, label, f"{point.id}/{key}", {"pixels": image}))
-                stats.sampling_s += t1 - t0
-                stats.decoding_s += t2 - t1
+                stats.sampling_s += batch.sampling_s
+                stats.decoding_s += batch.decoding_s
                 stats.writing_s += time.perf_counter() - t2
                 stats.images += len(index)
                 if progress is not None:

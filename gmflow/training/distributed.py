@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "barrier", "is_main", "cleanup_distributed"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "barrier",
+    "is_main",
+    "on_main",
+    "cleanup_distributed",
+]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +85,32 @@ def cleanup_distributed() -> None:
     """Destroy the process group if one was started."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_main(info: DistInfo, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 and share its (small, picklable) result; its error reaches every rank.
+
+    Rank 0 re-raises its own exception; the other ranks raise the same GMFlowError subclass (or
+    GMFlowError for any other exception) with the same message, instead of waiting forever in
+    the next collective.
+    """
+    from gmflow import errors
+
+    payload: list[Any] = [None]
+    error: BaseException | None = None
+    if info.is_main:
+        try:
+            payload = [("ok", fn())]
+        except Exception as err:  # shared with the other ranks, then re-raised below
+            error = err
+            payload = [("error", type(err).__name__, f"rank 0: {err}")]
+    if info.distributed:
+        dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    if payload[0][0] == "error":
+        kind = getattr(errors, payload[0][1], None)
+        if not (isinstance(kind, type) and issubclass(kind, errors.GMFlowError)):
+            kind = errors.GMFlowError
+        raise kind(payload[0][2])
+    return payload[0][1]

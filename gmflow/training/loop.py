@@ -29,6 +29,7 @@ from gmflow.training.data import build_batches
 from gmflow.training.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from gmflow.training.ema import EMA, EMASchedule
 from gmflow.training.logs import MetricsLogger
+from gmflow.training.online_eval import prepare_online_eval
 from gmflow.training.optim import build_optimizer, lr_at
 from gmflow.training.validation import load_validation_vae, save_validation_grid
 
@@ -100,6 +101,7 @@ def train(
     *,
     progress: ProgressFn | None = None,
     stop_after: int | None = None,
+    eval_extractor: Any = None,
 ) -> TrainResult:
     """Train (or resume) a GMFlow model described by ``cfg`` in ``run_dir``.
 
@@ -112,6 +114,8 @@ def train(
         progress: optional callback for the CLI's progress bar (rank 0 only).
         stop_after: stop (after checkpointing) once this many steps are done in total; for tests
             and time-boxed jobs. None runs to ``cfg.train.max_steps``.
+        eval_extractor: a feature extractor for ``online_eval`` instead of torch-fidelity's
+            Inception (tests; see :func:`gmflow.training.online_eval.prepare_online_eval`).
 
     Returns:
         A :class:`TrainResult`.
@@ -119,7 +123,7 @@ def train(
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, run_dir, dist, progress, stop_after)
+        return _train(cfg, run_dir, dist, progress, stop_after, eval_extractor)
     finally:
         cleanup_distributed()
 
@@ -130,6 +134,7 @@ def _train(
     dist: DistInfo,
     progress: ProgressFn | None,
     stop_after: int | None,
+    eval_extractor: Any,
 ) -> TrainResult:
     # ===== Set-up: checks, config provenance, model, optimiser, data =====
     _check_world(cfg, dist)
@@ -144,6 +149,7 @@ def _train(
     if dist.is_main:  # before step 0, and without touching the training RNG streams
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             val_vae = load_validation_vae(cfg, device)
+    online_eval = prepare_online_eval(cfg, run_dir, dist, extractor=eval_extractor)
     optimizer = build_optimizer(objective, cfg.optim, device)
     ema = EMA(objective, ema_schedule(cfg)) if cfg.ema.kind != "none" else None
 
@@ -258,6 +264,10 @@ def _train(
             window, step_seconds = [], 0.0
         if cfg.validation.every and done % cfg.validation.every == 0 and dist.is_main:
             save_validation_grid(cfg, objective, ema, run_dir, done, device, metrics_log, val_vae)
+        if online_eval is not None and done % cfg.online_eval.every == 0:
+            eval_row = online_eval(objective, ema, done)  # every rank samples its share
+            if eval_row is not None:
+                metrics_log.log(done, eval_row)
         if (
             done % cfg.train.checkpoint_every == 0
             or done == end_step

@@ -13,7 +13,12 @@ from torch import nn
 
 from gmflow.run_config import RunConfig
 
-__all__ = ["save_validation_grid", "samples_to_grid", "load_validation_vae"]
+__all__ = [
+    "save_validation_grid",
+    "samples_to_grid",
+    "load_validation_vae",
+    "load_dataset_vae",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +48,22 @@ def load_validation_vae(cfg: RunConfig, device: torch.device) -> Any:
     run never stops for a preview; a hub id or folder -> that VAE, and a CheckpointError before
     step 0 if it cannot be loaded.
     """
-    spec = cfg.validation.vae
-    if spec == "none" or cfg.model.arch != "gmdit" or not cfg.validation.every:
+    if not cfg.validation.every:
+        return None
+    return load_dataset_vae(cfg, "validation.vae", device, required=False)
+
+
+def load_dataset_vae(cfg: RunConfig, key: str, device: torch.device, *, required: bool) -> Any:
+    """The decoder of a run's latents named by the recipe key ``key`` (e.g. "validation.vae"):
+    "none", "auto" (the dataset manifest's encoder) or a VAE hub id / folder; None for pixel
+    data, the 2-D toy or "none".
+
+    With ``required``, an "auto" VAE that cannot be loaded is a CheckpointError; otherwise a
+    warning and None.
+    """
+    section, field_name = key.split(".")
+    spec = getattr(getattr(cfg, section), field_name)
+    if spec == "none" or cfg.model.arch != "gmdit":
         return None
     from gmflow.models.vae import load_vae
 
@@ -53,7 +72,7 @@ def load_validation_vae(cfg: RunConfig, device: torch.device) -> Any:
     if cfg.data.kind != "shards":
         return None
     from gmflow.data.manifest import read_manifest
-    from gmflow.errors import GMFlowError
+    from gmflow.errors import CheckpointError, GMFlowError
 
     try:
         manifest = read_manifest(cfg.data.path)
@@ -61,10 +80,16 @@ def load_validation_vae(cfg: RunConfig, device: torch.device) -> Any:
             return None
         return load_vae(manifest.encoder, device=device)
     except (GMFlowError, ImportError, OSError) as err:
+        if required:
+            raise CheckpointError(
+                f"the dataset's VAE cannot be loaded ({err}); set {key} to a local VAE folder (or "
+                "a hub id when online) that decodes these latents"
+            ) from err
         logger.warning(
             "validation grids will show latent channels: the dataset's VAE cannot be loaded (%s); "
-            "set validation.vae to a local VAE folder to decode them",
+            "set %s to a local VAE folder to decode them",
             err,
+            key,
         )
         return None
 
