@@ -89,6 +89,11 @@ class OnlineEvaluator:
 
         e, dist = self.cfg.online_eval, self.dist
         t0 = time.perf_counter()
+        if dist.is_main:
+            logger.info(
+                "step %d: online evaluation, %d samples of %s over %d process(es)",
+                step, e.num_samples, self.point.id, dist.world_size,
+            )  # fmt: skip
         devices = [dist.device] if dist.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             share = _share(e.num_samples, dist.rank, dist.world_size)
