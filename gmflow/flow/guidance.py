@@ -1,10 +1,12 @@
-"""Probabilistic (orthogonal) guidance on x0-GMs (spec 6) and vanilla CFG as a baseline.
+"""Probabilistic (orthogonal) guidance on x0-GMs (spec 6) and vanilla CFG as a baseline (with
+the same orthogonal projection as an option, off by default).
 
 Inner products ⟨a, b⟩ are means over (C, H, W) per sample, as in the spec.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,13 @@ NORM_FLOOR = (
 def _inner(a: Tensor, b: Tensor) -> Tensor:
     """⟨a, b⟩ = mean over (C, H, W), keepdim: (..., 1, 1, 1)."""
     return (a * b).mean(dim=(-3, -2, -1), keepdim=True)
+
+
+def _remove_along(bias: Tensor, mean_cond: Tensor, orthogonal: float) -> Tensor:
+    """b − o ⟨b, μ_c⟩/max(⟨μ_c, μ_c⟩, 1e-6) μ_c: the orthogonal projection of spec 6, step 4,
+    shared by probabilistic guidance and (opt-in) CFG. o = 1 gives ⟨b', μ_c⟩ = 0 per sample."""
+    along = _inner(bias, mean_cond) / _inner(mean_cond, mean_cond).clamp_min(NORM_FLOOR)
+    return bias - orthogonal * along * mean_cond
 
 
 def impose_gaussian(
@@ -121,8 +130,7 @@ def guidance_bias(
     """
     bias = mean_cond - mean_uncond
     if orthogonal != 0:
-        along = _inner(bias, mean_cond) / _inner(mean_cond, mean_cond).clamp_min(NORM_FLOOR)
-        bias = bias - orthogonal * along * mean_cond
+        bias = _remove_along(bias, mean_cond, orthogonal)
     return bias * (guidance_scale * (var_cond / _inner(bias, bias).clamp_min(NORM_FLOOR)).sqrt())
 
 
@@ -214,29 +222,60 @@ def probabilistic_guidance(
     return guide(gm_cond, gm_uncond, guidance_scale, orthogonal).gm
 
 
+def _check_cfg_orthogonal(orthogonal: object) -> None:
+    if isinstance(orthogonal, bool) or not isinstance(orthogonal, numbers.Real):
+        raise TypeError(
+            "cfg_guidance: orthogonal must be a number in [0, 1] (0 = plain CFG), got "
+            f"{type(orthogonal).__name__}; pass a Python float, e.g. float(o)"
+        )
+    if not 0 <= orthogonal <= 1:
+        raise ValueError(
+            f"cfg_guidance: orthogonal must lie in [0, 1], got {orthogonal}; it is the fraction of "
+            "the CFG bias along μ_c that is removed (0 = plain CFG, the default; 1 = fully "
+            "orthogonal, as probabilistic guidance)"
+        )
+
+
 def cfg_guidance(
-    gm_cond: GaussianMixture, gm_uncond: GaussianMixture, guidance_scale: float
+    gm_cond: GaussianMixture,
+    gm_uncond: GaussianMixture,
+    guidance_scale: float,
+    orthogonal: float = 0.0,
 ) -> GaussianMixture:
     """Vanilla classifier-free guidance on GMs, the baseline of spec 6 / Table 4.
 
-    Every component mean is shifted by (g − 1)(μ_c − μ_u) (μ = mixture means), so the guided mean
-    is μ_c + (g − 1)(μ_c − μ_u); weights and std are kept. g = 1 returns ``gm_cond``.
+    Every component mean is shifted by the same bias b (μ = mixture means):
+        b = (g − 1)(μ_c − μ_u),   b ← b − o ⟨b, μ_c⟩/max(⟨μ_c, μ_c⟩, 1e-6) μ_c,
+    the second step being probabilistic guidance's orthogonal projection (:func:`guidance_bias`,
+    spec 6 step 4) without its normalisation, so the guided mean is μ_c + b; weights and std are
+    kept. Unlike probabilistic guidance (o = 1 by default), the projection is off by default
+    (o = 0), as in the reference baseline; o = 0 skips it, so the result is exactly plain CFG.
+    g = 1 returns ``gm_cond`` whatever o.
 
     Args:
         gm_cond: conditional x0-GM, means (B, K, C, H, W).
         gm_uncond: unconditional x0-GM at the same (x_t, σ).
         guidance_scale: g ≥ 1.
+        orthogonal: o ∈ [0, 1], the fraction of b's component along μ_c that is removed
+            (0 = plain CFG; 1 = ⟨b, μ_c⟩ = 0 per sample).
 
     Returns:
         The shifted conditional GM.
+
+    Raises:
+        ValueError: g < 1 or o outside [0, 1]; TypeError: o not a real number.
     """
     if not guidance_scale >= 1:
         raise ValueError(
             f"cfg_guidance: the CFG scale g must be >= 1 (1 = no guidance), got {guidance_scale}"
         )
+    _check_cfg_orthogonal(orthogonal)
     if guidance_scale == 1:
         return gm_cond
-    bias = (guidance_scale - 1) * (gm_to_mean(gm_cond) - gm_to_mean(gm_uncond))
+    mean_cond = gm_to_mean(gm_cond)
+    bias = (guidance_scale - 1) * (mean_cond - gm_to_mean(gm_uncond))
+    if orthogonal != 0:
+        bias = _remove_along(bias, mean_cond, orthogonal)
     dtype = bias.dtype
     return GaussianMixture(
         gm_cond.means.to(dtype) + bias.unsqueeze(-4),

@@ -238,38 +238,63 @@ def x0_to_u(gm_x0: GaussianMixture, x_t: Tensor, sigma: Sigma) -> GaussianMixtur
 
 
 def reverse_transition(
-    gm_u: GaussianMixture, x_t: Tensor, sigma: Sigma, sigma_to: Sigma
+    gm: GaussianMixture,
+    x_t: Tensor,
+    sigma: Sigma,
+    sigma_to: Sigma,
+    *,
+    prediction_type: str = "u",
 ) -> GaussianMixture:
     """The GM over x_to given x_σ: each x0-component pushed through q(x_to | x_σ, x0) (spec 3.4).
 
-    With (c1, c2, c3) from :func:`reverse_transition_coefs`:
-        m_k = c1 x_σ + c2 (x_σ − σ μ_k^{u}),   S² = (σ c2 s)² + c3,   weights unchanged.
-    The variance is computed as a log-sum-exp without the reference's 1e-6 floors on σ c2 and c3,
-    so σ_to = 0 gives exactly the x0-GM (std σ s) and the transition loss at trans_ratio = 1 is
-    exactly the u-space NLL plus C log σ (spec 4.3.6).
+    With (c1, c2, c3) from :func:`reverse_transition_coefs` and ``prediction_type``
+        "u"  (a GM over u, the network output):  m_k = c1 x_σ + c2 (x_σ − σ μ_k^{u}),
+             S² = (σ c2 s^{u})² + c3;
+        "x0" (a GM over x0, e.g. :func:`u_to_x0`'s or a guided one):  m_k = c1 x_σ + c2 μ_k^{x0},
+             S² = (c2 s^{x0})² + c3;
+    weights unchanged. The two agree on ``u_to_x0(gm_u, x_σ, σ)`` (for σ ≥ 1e-6, u_to_x0's
+    floor). The variance is computed as a log-sum-exp without the reference's 1e-6 floors on
+    σ c2 (c2) and c3, so σ_to = 0 gives exactly the x0-GM (std σ s^{u}, or s^{x0}) and the
+    transition loss at trans_ratio = 1 is exactly the u-space NLL plus C log σ (spec 4.3.6).
 
     Args:
-        gm_u: the network's u-GM at (x_σ, σ): means (..., K, C, H, W), logstds (..., 1|K, 1, 1, 1).
+        gm: the GM at (x_σ, σ): means (..., K, C, H, W), logstds (..., 1|K, 1, 1, 1); over u
+            (the network's output) or over x0, as ``prediction_type`` says.
         x_t: x_σ, (..., C, H, W).
         sigma: σ, scalar or (...) per sample.
         sigma_to: σ_to ≤ σ, scalar or (...) per sample.
+        prediction_type: ``"u"`` (default) or ``"x0"``: the variable ``gm`` is a mixture over.
 
     Returns:
         The transition GM over x_to, in fp32 (fp64 if any input is fp64).
+
+    Raises:
+        ValueError: an unknown ``prediction_type``, or ``x_t`` not matching the GM's (C, H, W).
     """
-    _check_event("reverse_transition", gm_u, x_t, "x_t")
-    dtype = gm_dtype(gm_u.dtype, x_t.dtype)
-    gm_u, x_t = gm_u.to(dtype), x_t.to(dtype)
+    if prediction_type not in ("u", "x0"):
+        raise ValueError(
+            f"reverse_transition: prediction_type={prediction_type!r}; expected 'u' (a GM over "
+            "the velocity u = ε − x0, what GMFlow networks output) or 'x0' (a GM over x0, e.g. "
+            "from u_to_x0 or guidance)"
+        )
+    _check_event("reverse_transition", gm, x_t, "x_t")
+    dtype = gm_dtype(gm.dtype, x_t.dtype)
+    gm, x_t = gm.to(dtype), x_t.to(dtype)
     s, s_to = _as_level(sigma, x_t), _as_level(sigma_to, x_t)
     c1, c2, c3 = (_per_sample(c, 4) for c in reverse_transition_coefs(s, s_to))
-    s = _per_sample(s, 4)
     x = x_t.unsqueeze(-4)
-    means = c1 * x + c2 * (x - s * gm_u.means)
+    if prediction_type == "u":
+        s = _per_sample(s, 4)
+        means = c1 * x + c2 * (x - s * gm.means)
+        scale = s * c2  # x0-std = σ s^{u}
+    else:
+        means = c1 * x + c2 * gm.means
+        scale = c2
     tiny = torch.finfo(dtype).tiny
-    log_scale = torch.log((s * c2).clamp_min(tiny))
+    log_scale = torch.log(scale.clamp_min(tiny))
     log_c3 = torch.where(c3 > 0, torch.log(c3.clamp_min(tiny)), -math.inf)
-    logstds = 0.5 * torch.logaddexp(2 * (gm_u.logstds + log_scale), log_c3)
-    return GaussianMixture(means, gm_u.logweights, logstds)
+    logstds = 0.5 * torch.logaddexp(2 * (gm.logstds + log_scale), log_c3)
+    return GaussianMixture(means, gm.logweights, logstds)
 
 
 def _reconditioning_terms(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -18,7 +19,11 @@ GUIDANCE_MODES = ("probabilistic", "cfg")
 
 @dataclass(frozen=True)
 class GuidanceSettings:
-    """Validated guidance settings of one ``sample`` call."""
+    """Validated guidance settings of one ``sample`` call.
+
+    ``orthogonal`` is the projection strength o in effect for ``mode``: ``orthogonal_guidance``
+    for probabilistic guidance, ``cfg_orthogonal_guidance`` for CFG.
+    """
 
     mode: str
     scale: float
@@ -109,7 +114,10 @@ def validate_guidance(
     class_labels: Tensor | None,
     null_class_id: int | None,
     batch: int,
+    cfg_orthogonal: float = 0.0,
 ) -> GuidanceSettings:
+    """Check the guidance arguments of :func:`sample` (``orthogonal`` = ``orthogonal_guidance``,
+    ``cfg_orthogonal`` = ``cfg_orthogonal_guidance``)."""
     if mode not in GUIDANCE_MODES:
         raise ConfigError(f"sample: guidance={mode!r}; expected 'probabilistic' or 'cfg'")
     if not isinstance(scale, int | float) or not math.isfinite(scale):
@@ -126,6 +134,23 @@ def validate_guidance(
         )
     if not 0 <= orthogonal <= 1:
         raise ConfigError(f"sample: orthogonal_guidance must lie in [0, 1], got {orthogonal!r}")
+    if isinstance(cfg_orthogonal, bool) or not isinstance(cfg_orthogonal, numbers.Real):
+        raise ConfigError(
+            "sample: cfg_orthogonal_guidance must be a number in [0, 1] (0 = plain CFG), got "
+            f"{cfg_orthogonal!r}"
+        )
+    if not 0 <= cfg_orthogonal <= 1:
+        raise ConfigError(
+            f"sample: cfg_orthogonal_guidance must lie in [0, 1], got {cfg_orthogonal!r}; it is "
+            "the fraction of the CFG bias along the conditional mean that is removed (0 = plain "
+            "CFG, the default; 1 = fully orthogonal)"
+        )
+    if cfg_orthogonal != 0 and mode != "cfg":
+        raise ConfigError(
+            f"sample: cfg_orthogonal_guidance={cfg_orthogonal!r} only applies to guidance='cfg'; "
+            f"with guidance={mode!r} set the projection strength with orthogonal_guidance "
+            "(default 1.0) and leave cfg_orthogonal_guidance at 0"
+        )
     if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
         raise ConfigError(
             f"sample: guidance_interval must be (sigma_a, sigma_b) with 0 <= sigma_a <= sigma_b "
@@ -136,9 +161,8 @@ def validate_guidance(
     ):
         got = tuple(class_labels.shape) if isinstance(class_labels, Tensor) else class_labels
         raise ValueError(f"sample: class_labels must be a tensor of shape ({batch},), got {got}")
-    settings = GuidanceSettings(
-        mode, float(scale), float(orthogonal), interval, class_labels, null_class_id
-    )
+    strength = float(cfg_orthogonal) if mode == "cfg" else float(orthogonal)
+    settings = GuidanceSettings(mode, float(scale), strength, interval, class_labels, null_class_id)
     if settings.enabled and (class_labels is None or null_class_id is None):
         raise ConfigError(
             f"sample: guidance_scale={scale} evaluates the conditional and the unconditional model "

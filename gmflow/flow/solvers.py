@@ -107,7 +107,7 @@ def _evaluate(
         return gm_x0, None
     gm_cond, gm_uncond = gm_x0.chunk(2)
     if guidance.mode == "cfg":
-        return cfg_guidance(gm_cond, gm_uncond, guidance.scale), None
+        return cfg_guidance(gm_cond, gm_uncond, guidance.scale, guidance.orthogonal), None
     result = guide(gm_cond, gm_uncond, guidance.scale, guidance.orthogonal)
     return result.gm, result
 
@@ -235,6 +235,7 @@ def sample(
     order: int = 1,
     guidance_scale: float = 0.0,
     orthogonal_guidance: float = 1.0,
+    cfg_orthogonal_guidance: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
     guidance: str = "probabilistic",
     null_class_id: int | None = None,
@@ -262,10 +263,14 @@ def sample(
 
     ``order=2`` adds the second-order GM correction (spec 8.3) to ``gm-sde`` / ``gm-ode``, guided
     or not (unguided it uses w = 0 in its damping). Guidance: ``"probabilistic"`` (spec 6,
-    0 ≤ w < 1, orthogonal strength ``orthogonal_guidance``) or ``"cfg"`` (vanilla CFG, every
-    component mean shifted by (g − 1)(μ_c − μ_u), g ≥ 1; ``orthogonal_guidance`` is not used
-    there, as in the baseline). Outside ``guidance_interval`` = (σ_a, σ_b) the scale is 0 and only
-    the conditional batch is evaluated; w = 0 (or g = 1) never evaluates the null class.
+    0 ≤ w < 1, orthogonal strength ``orthogonal_guidance``, default 1) or ``"cfg"`` (vanilla CFG,
+    every component mean shifted by b = (g − 1)(μ_c − μ_u), g ≥ 1). CFG takes its own projection
+    strength ``cfg_orthogonal_guidance`` (default 0 = plain CFG, as the baseline; o > 0 applies
+    probabilistic guidance's projection b ← b − o ⟨b, μ_c⟩/⟨μ_c, μ_c⟩ μ_c, see
+    :func:`gmflow.flow.cfg_guidance`) and ignores ``orthogonal_guidance``: the two modes have
+    different defaults, so one shared argument could not keep both. Outside
+    ``guidance_interval`` = (σ_a, σ_b) the scale is 0 and only the conditional batch is
+    evaluated; w = 0 (or g = 1) never evaluates the null class.
 
     The state x is kept in fp32 (fp64 if ``noise`` is fp64) and the denoiser output is cast to
     that dtype; every random draw uses ``generator``, so a fixed generator gives a fixed result.
@@ -280,7 +285,9 @@ def sample(
         num_substeps: S for ``gm-ode`` only (None = the default above).
         order: 1, or 2 for the GM second-order correction.
         guidance_scale: w ∈ [0, 1) (probabilistic) or g ≥ 1 (cfg).
-        orthogonal_guidance: o ∈ [0, 1] of probabilistic guidance.
+        orthogonal_guidance: o ∈ [0, 1] of probabilistic guidance (not used by ``"cfg"``).
+        cfg_orthogonal_guidance: o ∈ [0, 1] of ``"cfg"``'s opt-in orthogonal projection
+            (0 = off, plain CFG); must stay 0 with ``"probabilistic"``.
         guidance_interval: (σ_a, σ_b), inclusive; None = everywhere.
         guidance: ``"probabilistic"`` or ``"cfg"``.
         null_class_id: the unconditional label, required when guided.
@@ -317,6 +324,7 @@ def sample(
         class_labels,
         null_class_id,
         noise.shape[0],
+        cfg_orthogonal=cfg_orthogonal_guidance,
     )
     dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
     x = noise.to(dtype)

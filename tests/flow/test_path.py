@@ -208,6 +208,127 @@ def test_reverse_transition_to_zero_is_the_x0_gm(random_gm, generator):
     assert_close(trans.logstds, gm_u.logstds + torch.log(sigma).reshape(-1, 1, 1, 1, 1))
 
 
+@pytest.mark.parametrize(
+    ("sigma", "sigma_to", "per_component_std"),
+    [
+        (0.7, 0.3, False),
+        (1.0, 0.0, True),
+        # one level per sample, σ = 1 and σ_to = 0 included
+        ([1.0, 0.6, 0.3, 0.05], [0.5, 0.2, 0.0, 0.01], False),
+        ([0.9, 0.45, 1e-3, 0.8], [0.1, 0.3, 5e-4, 0.0], True),
+    ],
+)
+def test_reverse_transition_of_the_x0_gm_equals_the_u_form(
+    random_gm, generator, sigma, sigma_to, per_component_std
+):
+    """prediction_type='x0' on u_to_x0(gm_u) gives the u-form's GM: means, stds and weights.
+
+    (σ_to = σ is left out: both forms then return a zero-width std as log(tiny), off by log σ.)
+    """
+    batch = len(sigma) if isinstance(sigma, list) else 2
+    gm_u = random_gm(3, 2, 2, 2, batch=(batch,), per_component_std=per_component_std)
+    x_t = torch.randn(batch, 2, 2, 2, generator=generator, dtype=F64)
+    if isinstance(sigma, list):
+        sigma, sigma_to = torch.tensor(sigma, dtype=F64), torch.tensor(sigma_to, dtype=F64)
+    want = reverse_transition(gm_u, x_t, sigma, sigma_to)
+    got = reverse_transition(u_to_x0(gm_u, x_t, sigma), x_t, sigma, sigma_to, prediction_type="x0")
+    assert_close(got.means, want.means, rtol=0, atol=1e-14)
+    assert_close(got.logstds, want.logstds, rtol=0, atol=1e-13)
+    assert torch.equal(got.logweights, want.logweights)
+    assert want.means.shape == (batch, 3, 2, 2, 2)
+    # and the default is prediction_type='u'
+    default = reverse_transition(gm_u, x_t, sigma, sigma_to, prediction_type="u")
+    assert torch.equal(default.means, want.means) and torch.equal(default.logstds, want.logstds)
+
+
+def test_reverse_transition_of_an_x0_gm_to_zero_is_the_identity(random_gm, generator):
+    gm_x0 = random_gm(4, 2, 2, 2, batch=(2,))
+    x_t = torch.randn(2, 2, 2, 2, generator=generator, dtype=F64)
+    sigma = torch.tensor([0.4, 1.0], dtype=F64)
+    trans = reverse_transition(gm_x0, x_t, sigma, 0.0, prediction_type="x0")
+    assert torch.equal(trans.means, gm_x0.means) and torch.equal(trans.logstds, gm_x0.logstds)
+
+
+def _exact_transition(data_means, data_logweights, v0, x_t, sigma, sigma_to):
+    """p(x_to | x_t) by Bayes for data Σ_k A_k N(m_k, v0 I), without the DDPM coefficients.
+
+    Per component: prior x_to ~ N(α_to m_k, P), P = α_to² v0 + σ_to², and x_t | x_to ~ N(a x_to,
+    b²) with a = α_t/α_to, b² = σ_t² − a² σ_to²; posterior variance V = (1/P + a²/b²)⁻¹, mean
+    V (α_to m_k/P + a x_t/b²); weights ∝ A_k N(x_t; α_t m_k, α_t² v0 + σ_t²) (the x0 posterior's).
+    Returns (means (B, K, C, H, W), variance (B, 1, 1, 1, 1), weights (B, K, 1, H, W)).
+    """
+    s = torch.as_tensor(sigma, dtype=F64).reshape(-1, 1, 1, 1, 1)
+    s_to = torch.as_tensor(sigma_to, dtype=F64).reshape(-1, 1, 1, 1, 1)
+    a_t, a_to = 1 - s, 1 - s_to
+    prior_var = a_to**2 * v0 + s_to**2
+    a = a_t / a_to
+    b2 = s**2 - a**2 * s_to**2
+    var = 1 / (1 / prior_var + a**2 / b2)
+    x = x_t.unsqueeze(1)
+    means = var * (a_to * data_means / prior_var + a * x / b2)
+    evidence = -0.5 * (x - a_t * data_means).square().sum(2, keepdim=True) / (a_t**2 * v0 + s**2)
+    weights = torch.softmax(data_logweights + evidence, dim=1)
+    return means, var, weights
+
+
+@pytest.mark.parametrize("num_components", [1, 3])
+def test_reverse_transition_of_the_exact_x0_posterior_is_the_exact_transition(
+    generator, num_components
+):
+    """Closed form: the x0 variant fed with the exact denoising GM gives p(x_to | x_t) exactly,
+    std² = (c2 s^{x0})² + c3 included (one level per sample; σ_to = 0 is the x0 posterior)."""
+    data_means, data_logweights = DATA_MEANS[:num_components], DATA_LOGWEIGHTS[:num_components]
+    data_logweights = torch.log_softmax(data_logweights, dim=0)
+    x_t = torch.randn(4, 2, 1, 1, generator=generator, dtype=F64)
+    sigma = torch.tensor([1.0, 0.8, 0.5, 0.3], dtype=F64)
+    sigma_to = torch.tensor([0.6, 0.0, 0.25, 0.01], dtype=F64)
+    gm_x0 = exact_x0_posterior(data_means, data_logweights, DATA_VAR, x_t, sigma)
+    got = reverse_transition(gm_x0, x_t, sigma, sigma_to, prediction_type="x0")
+    means, var, weights = _exact_transition(
+        data_means, data_logweights, DATA_VAR, x_t, sigma, sigma_to
+    )
+    assert_close(got.means, means, rtol=0, atol=1e-12)
+    assert_close(torch.exp(2 * got.logstds), var, rtol=1e-12, atol=0)
+    assert_close(got.logweights.exp(), weights, rtol=0, atol=1e-12)
+
+
+def test_reverse_transition_of_an_x0_gaussian_matches_simulated_pairs(generator):
+    """Monte Carlo, one component: simulate (x_to, x_t) from Gaussian data N(m0, v0) and regress
+    x_to on x_t; the slope/intercept give the transition mean, the residual variance its std²."""
+    n, m0, v0, sigma, sigma_to = 400_000, 0.7, 0.5, 0.8, 0.35
+    x0 = m0 + math.sqrt(v0) * torch.randn(n, 1, 1, 1, generator=generator, dtype=F64)
+    x_to = add_noise(x0, torch.randn(x0.shape, generator=generator, dtype=F64), sigma_to)
+    x_t = forward_transition(
+        x_to, sigma_to, sigma, torch.randn(x0.shape, generator=generator, dtype=F64)
+    )
+    design = torch.stack([x_t.flatten(), torch.ones(n, dtype=F64)], dim=1)
+    coef = torch.linalg.lstsq(design, x_to.reshape(n, 1)).solution.flatten()
+    resid_var = (x_to.flatten() - design @ coef).var().item()
+    # the denoising Gaussian p(x0 | x_t) at two states, as a K = 1 x0-GM
+    probe = torch.tensor([-1.0, 2.0], dtype=F64).reshape(2, 1, 1, 1)
+    post_var = 1 / (1 / v0 + (1 - sigma) ** 2 / sigma**2)
+    post_means = post_var * (m0 / v0 + (1 - sigma) * probe / sigma**2)
+    gm_x0 = GaussianMixture(
+        post_means.unsqueeze(1),
+        torch.zeros(2, 1, 1, 1, 1, dtype=F64),
+        torch.full((2, 1, 1, 1, 1), 0.5 * math.log(post_var), dtype=F64),
+    )
+    trans = reverse_transition(gm_x0, probe, sigma, sigma_to, prediction_type="x0")
+    var = torch.exp(2 * trans.logstds).flatten()
+    assert_close(var, torch.full_like(var, var[0].item()))  # the same std at every state
+    assert abs(var[0].item() - resid_var) < 5 * resid_var * math.sqrt(2 / n)
+    at = torch.stack([probe.flatten(), torch.ones(2, dtype=F64)], dim=1)
+    se = (resid_var * (at @ torch.linalg.inv(design.T @ design) @ at.T).diagonal()).sqrt()
+    assert bool(((trans.means.flatten() - at @ coef).abs() < 5 * se).all())
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "v", "U", None])
+def test_reverse_transition_rejects_an_unknown_prediction_type(random_gm, prediction_type):
+    gm, x_t = random_gm(2, 1, 1, 1), torch.zeros(2, 1, 1, 1, dtype=F64)
+    with pytest.raises(ValueError, match=r"prediction_type=.*expected 'u'.*or 'x0'"):
+        reverse_transition(gm, x_t, 0.5, 0.2, prediction_type=prediction_type)
+
+
 DATA_MEANS = torch.tensor([[-1.5, 0.5], [0.2, -1.0], [1.8, 1.2]], dtype=F64).reshape(3, 2, 1, 1)
 DATA_LOGWEIGHTS = torch.tensor([0.2, 0.5, 0.3], dtype=F64).log().reshape(3, 1, 1, 1)
 DATA_VAR = 0.09
