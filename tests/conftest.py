@@ -195,3 +195,62 @@ def reference_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("reference") / "ref.npz"
     np.savez(path, arr_0=images.clip(0, 255).astype(np.uint8))
     return path
+
+
+@pytest.fixture(scope="session")
+def pixel_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``gmflow cache-data`` pixel shards of 3 classes x 6 random 8 x 8 RGB images (a folder)."""
+    from PIL import Image
+
+    from gmflow.data.cache import CacheConfig, cache_latents
+
+    root = tmp_path_factory.mktemp("pixel_shards")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / "images" / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            img = (rng.random((8, 8, 3)) * 80 + 60 * c).astype(np.uint8)
+            Image.fromarray(img).save(root / "images" / f"class{c}" / f"{i}.png")
+    cache_latents(
+        CacheConfig(
+            source=root / "images", out_dir=root / "data", vae="none", resolution=8, num_workers=0
+        )
+    )
+    return root / "data"
+
+
+@pytest.fixture
+def torchrun_cli() -> Callable[..., str]:
+    """``run(*args)``: ``torchrun --nproc_per_node=2 -m gmflow_cli *args`` on CPU; returns its
+    stderr, fails the test on a non-zero exit, and never leaves workers behind."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(*args: str, timeout: float = 600) -> str:
+        with socket.socket() as s:  # a free port: torchrun's --master_port=0 hangs its rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            f"--master_port={port}", "-m", "gmflow_cli", *args,
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == 0, stderr[-3000:]
+        return stderr
+
+    return run

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -357,7 +352,7 @@ def test_two_scale_sweep_of_64_samples_with_random_inception(
 
 @pytest.mark.slow
 def test_two_process_torchrun_gives_the_same_samples_and_metrics(
-    tiny_pipeline, reference_npz, tmp_path, inception_weights
+    tiny_pipeline, reference_npz, tmp_path, inception_weights, torchrun_cli
 ):
     args = [
         "--pretrained", str(tiny_pipeline), "--reference", str(reference_npz),
@@ -365,23 +360,7 @@ def test_two_process_torchrun_gives_the_same_samples_and_metrics(
         "--num-samples", "8", "--batch-size", "2", "--set", "shard_size=2",
         "--inception-weights", str(inception_weights), "--device", "cpu",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    with socket.socket() as s:  # a free port: torchrun's --master_port=0 hangs its rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    command = [*torchrun, f"--master_port={port}", "-m", "gmflow_cli", "evaluate", *args]
-    proc = subprocess.Popen(
-        [*command, "--out-dir", str(tmp_path / "two")], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, stderr = proc.communicate(timeout=600)
-    finally:  # never leave the workers behind
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    torchrun_cli("evaluate", *args, "--out-dir", str(tmp_path / "two"))
     from gmflow_cli.main import main
 
     with pytest.raises(SystemExit) as exit_info:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from gmflow.config import from_dict
-from gmflow.data.cache import CacheConfig, cache_latents
 from gmflow.run_config import RunConfig
 from gmflow.training import train
 from gmflow.training.build import load_run
@@ -21,19 +18,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def pixel_run(tmp_path_factory):
+def pixel_run(tmp_path_factory, pixel_shards):
     root = tmp_path_factory.mktemp("export")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / "images" / f"class{c}").mkdir(parents=True)
-        for i in range(6):
-            img = (rng.random((8, 8, 3)) * 80 + 60 * c).astype(np.uint8)
-            Image.fromarray(img).save(root / "images" / f"class{c}" / f"{i}.png")
-    cache_latents(
-        CacheConfig(
-            source=root / "images", out_dir=root / "data", vae="none", resolution=8, num_workers=0
-        )
-    )
     cfg = from_dict(
         {
             "model": {
@@ -52,7 +38,7 @@ def pixel_run(tmp_path_factory):
             },
             "data": {
                 "kind": "shards",
-                "path": str(root / "data"),
+                "path": str(pixel_shards),
                 "num_workers": 0,
                 "shuffle_buffer": 16,
                 "random_flip": False,

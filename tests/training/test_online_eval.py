@@ -4,22 +4,15 @@ bad settings refused at load time or before step 0, and the training itself left
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from gmflow.config import dump_recipe, from_dict, to_dict
-from gmflow.data.cache import CacheConfig, cache_latents
 from gmflow.errors import ConfigError, DataError
 from gmflow.evaluation import EvalConfig, evaluate
 from gmflow.run_config import OnlineEvalConfig, RunConfig
@@ -28,7 +21,6 @@ from gmflow.training.checkpoint import list_checkpoints
 from gmflow.training.distributed import DistInfo
 from gmflow.training.online_eval import _share, prepare_online_eval
 
-REPO = Path(__file__).resolve().parents[2]
 ONLINE = {
     "every": 3,
     "num_samples": 10,
@@ -67,23 +59,6 @@ def _recipe(data: Path, reference: Path, **online) -> RunConfig:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def pixel_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("online_eval")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / "images" / f"class{c}").mkdir(parents=True)
-        for i in range(6):
-            img = (rng.random((8, 8, 3)) * 80 + 60 * c).astype(np.uint8)
-            Image.fromarray(img).save(root / "images" / f"class{c}" / f"{i}.png")
-    cache_latents(
-        CacheConfig(
-            source=root / "images", out_dir=root / "data", vae="none", resolution=8, num_workers=0
-        )
-    )
-    return root
-
-
 def _eval_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "eval/fid" in r]
@@ -91,10 +66,10 @@ def _eval_rows(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("solver", ["gm-ode2", "gm-sde2"])
 def test_online_metrics_equal_gmflow_evaluate_on_the_checkpoint(
-    pixel_data, reference_npz, stub, tmp_path, solver
+    pixel_shards, reference_npz, stub, tmp_path, solver
 ):
     """Same images (seeds of spec 11.2), features and metrics as the offline evaluation."""
-    cfg = _recipe(pixel_data / "data", reference_npz, solver=solver)
+    cfg = _recipe(pixel_shards, reference_npz, solver=solver)
     run = tmp_path / "run"
     train(cfg, run, eval_extractor=stub)
     (row,) = _eval_rows(run)
@@ -115,9 +90,11 @@ def test_online_metrics_equal_gmflow_evaluate_on_the_checkpoint(
         assert row[f"eval/{key}"] == pytest.approx(offline[key], rel=1e-6, abs=1e-9), key
 
 
-def test_online_evaluation_leaves_the_training_unchanged(pixel_data, reference_npz, stub, tmp_path):
+def test_online_evaluation_leaves_the_training_unchanged(
+    pixel_shards, reference_npz, stub, tmp_path
+):
     """Weights and EMA are bit-identical with and without the evaluation (it forks the RNG)."""
-    cfg = _recipe(pixel_data / "data", reference_npz, every=1)
+    cfg = _recipe(pixel_shards, reference_npz, every=1)
     cfg = replace(cfg, train=replace(cfg.train, max_steps=4, checkpoint_every=4))
     train(cfg, tmp_path / "with", eval_extractor=stub)
     assert [r["step"] for r in _eval_rows(tmp_path / "with")] == [1, 2, 3, 4]
@@ -168,9 +145,9 @@ def test_the_2d_toy_has_no_fid():
         )  # fmt: skip
 
 
-def test_problems_surface_before_step_0(pixel_data, reference_npz, stub, tmp_path):
+def test_problems_surface_before_step_0(pixel_shards, reference_npz, stub, tmp_path):
     def prepare(**online):
-        cfg = _recipe(pixel_data / "data", online.pop("reference", reference_npz), **online)
+        cfg = _recipe(pixel_shards, online.pop("reference", reference_npz), **online)
         return prepare_online_eval(cfg, tmp_path / "run", DistInfo(), extractor=stub)
 
     with pytest.raises(DataError):
@@ -180,17 +157,17 @@ def test_problems_surface_before_step_0(pixel_data, reference_npz, stub, tmp_pat
         prepare(reference=tmp_path / "stats.npz")
     assert prepare(reference=tmp_path / "stats.npz", precision_recall=False) is not None
     with pytest.raises(ConfigError, match="no VAE decodes"):
-        latent = _recipe(pixel_data / "data", reference_npz)
+        latent = _recipe(pixel_shards, reference_npz)
         latent = replace(latent, model=replace(latent.model, in_channels=4))
         prepare_online_eval(latent, tmp_path / "run", DistInfo(), extractor=stub)
     with pytest.raises(ConfigError, match="fewer than the 4 processes"):
-        few = _recipe(pixel_data / "data", reference_npz, num_samples=3, precision_recall=False)
+        few = _recipe(pixel_shards, reference_npz, num_samples=3, precision_recall=False)
         prepare_online_eval(few, tmp_path / "run", DistInfo(world_size=4), extractor=stub)
     assert prepare(every=0) is None
 
 
-def test_missing_inception_weights_fail_before_step_0(pixel_data, reference_npz, tmp_path):
-    cfg = _recipe(pixel_data / "data", reference_npz, inception_weights=str(tmp_path / "no.pth"))
+def test_missing_inception_weights_fail_before_step_0(pixel_shards, reference_npz, tmp_path):
+    cfg = _recipe(pixel_shards, reference_npz, inception_weights=str(tmp_path / "no.pth"))
     with pytest.raises(Exception, match="no.pth"):
         train(cfg, tmp_path / "run")
     assert not list_checkpoints(tmp_path / "run")
@@ -198,38 +175,19 @@ def test_missing_inception_weights_fail_before_step_0(pixel_data, reference_npz,
 
 @pytest.mark.slow
 def test_two_process_torchrun_matches_the_offline_evaluation(
-    pixel_data, reference_npz, inception_weights, tmp_path
+    pixel_shards, reference_npz, inception_weights, tmp_path, torchrun_cli
 ):
     """torchrun with 2 CPU ranks: each samples half, the features are gathered in index order,
     and the logged metrics are those of ``gmflow evaluate`` on the saved checkpoint (real
     torch-fidelity Inception, random weights)."""
     cfg = _recipe(
-        pixel_data / "data", reference_npz, num_samples=6, batch_size=2,
+        pixel_shards, reference_npz, num_samples=6, batch_size=2,
         inception_weights=str(inception_weights),
     )  # fmt: skip
     cfg = replace(cfg, train=replace(cfg.train, batch_size_per_device=4))
     recipe = tmp_path / "recipe.yaml"
     dump_recipe(cfg, recipe)
-    with socket.socket() as s:  # a free port: torchrun's --master_port=0 hangs its rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={port}", "-m", "gmflow_cli", "train", str(recipe),
-        "--out-dir", str(tmp_path / "run"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, stderr = proc.communicate(timeout=600)
-    finally:  # never leave the workers behind
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    torchrun_cli("train", str(recipe), "--out-dir", str(tmp_path / "run"))
     (row,) = _eval_rows(tmp_path / "run")
     offline = evaluate(
         EvalConfig(
