@@ -145,11 +145,14 @@ def _train(
     torch.manual_seed(cfg.train.seed + dist.rank)
     objective = build_objective(cfg).to(device)
     data = build_batches(cfg, dist)  # validates shards against the model before step 0
+    online_eval = prepare_online_eval(cfg, run_dir, dist, extractor=eval_extractor)
     val_vae = None
     if dist.is_main:  # before step 0, and without touching the training RNG streams
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            val_vae = load_validation_vae(cfg, device)
-    online_eval = prepare_online_eval(cfg, run_dir, dist, extractor=eval_extractor)
+        if online_eval is not None and cfg.validation.vae == cfg.online_eval.vae:
+            val_vae = online_eval.vae  # the same decoder: load it once
+        else:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                val_vae = load_validation_vae(cfg, device)
     optimizer = build_optimizer(objective, cfg.optim, device)
     ema = EMA(objective, ema_schedule(cfg)) if cfg.ema.kind != "none" else None
 
