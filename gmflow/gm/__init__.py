@@ -14,8 +14,15 @@ Notation (used by every docstring in this package):
 """
 
 from gmflow.gm.density import gm_entropy, gm_kl_div, gm_logprob, gm_to_sample, iso_gaussian_logprob
+from gmflow.gm.full import gm_to_full
 from gmflow.gm.inverse_cdf import gm1d_inverse_cdf, gm1d_pdf_cdf
-from gmflow.gm.mixture import FullGaussianMixture, Gaussian, GaussianMixture, IsoGaussian
+from gmflow.gm.mixture import (
+    AnyGaussianMixture,
+    FullGaussianMixture,
+    Gaussian,
+    GaussianMixture,
+    IsoGaussian,
+)
 from gmflow.gm.moments import gm_temperature, gm_to_gaussian, gm_to_iso_gaussian, gm_to_mean
 from gmflow.gm.products import (
     gaussian_mul_gaussian,
@@ -33,10 +40,12 @@ __all__ = [
     "IsoGaussian",
     "Gaussian",
     "FullGaussianMixture",
+    "AnyGaussianMixture",
     "gm_to_mean",
     "gm_to_iso_gaussian",
     "gm_to_gaussian",
     "gm_to_sample",
+    "gm_to_full",
     "gm_temperature",
     "iso_gaussian_logprob",
     "gm_logprob",

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from gmflow.gm._shapes import broadcast_shapes
-from gmflow.gm.mixture import GaussianMixture, IsoGaussian, gm_dtype
+from gmflow.gm.mixture import AnyGaussianMixture, GaussianMixture, IsoGaussian, gm_dtype
 
 
 def promote(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -38,7 +38,7 @@ def check_gm_event(name: str, gm: GaussianMixture, shape: tuple[int, ...], what:
     check_batch(name, gm, tuple(shape[:-3]))
 
 
-def check_batch(name: str, gm: GaussianMixture, batch: tuple[int, ...]) -> None:
+def check_batch(name: str, gm: AnyGaussianMixture, batch: tuple[int, ...]) -> None:
     """Check that the leading batch dims of an argument broadcast with the mixture's."""
     try:
         broadcast_shapes(tuple(batch), tuple(gm.batch_shape))

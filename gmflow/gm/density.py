@@ -10,8 +10,15 @@ from torch import Tensor
 from gmflow.gm import backend as _backend
 from gmflow.gm._checks import check_batch, promote, promote_gm
 from gmflow.gm._shapes import broadcast_shapes
-from gmflow.gm.mixture import GaussianMixture, IsoGaussian, gm_dtype
-from gmflow.gm.random import Generators, rand, randn
+from gmflow.gm.full import full_gm_logprob, full_gm_to_sample
+from gmflow.gm.mixture import (
+    AnyGaussianMixture,
+    FullGaussianMixture,
+    GaussianMixture,
+    IsoGaussian,
+    gm_dtype,
+)
+from gmflow.gm.random import Generators, categorical, randn
 
 __all__ = ["iso_gaussian_logprob", "gm_logprob", "gm_to_sample", "gm_kl_div", "gm_entropy"]
 
@@ -70,18 +77,22 @@ def gm_logprob_torch(gm: GaussianMixture, x: Tensor) -> Tensor:
     return torch.logsumexp(gm.logweights.unsqueeze(-5) + comp, dim=-4).squeeze(-3)
 
 
-def gm_logprob(gm: GaussianMixture, x: Tensor) -> Tensor:
+def gm_logprob(gm: AnyGaussianMixture, x: Tensor) -> Tensor:
     """Log-density of each pixel's mixture (spec 7.13).
 
-    log p(x) = logsumexp_k [log A_k − ½‖x − μ_k‖²/s_k² − C log s_k − (C/2) log 2π].
+    log p(x) = logsumexp_k [log A_k − ½‖x − μ_k‖²/s_k² − C log s_k − (C/2) log 2π]; a
+    :class:`FullGaussianMixture` uses its Cholesky factors instead
+    (:func:`~gmflow.gm.full.full_gm_logprob`).
 
     Args:
-        gm: means (..., K, C, H, W).
+        gm: means (..., K, C, H, W), or a full mixture (channel-last).
         x: (..., n, C, H, W).
 
     Returns:
         (..., n, H, W).
     """
+    if isinstance(gm, FullGaussianMixture):
+        return full_gm_logprob(gm, x)
     _check_points("gm_logprob", gm, x)
     gm, (x,) = promote_gm(gm, x)
     kernel = _backend.kernel_for("gm_logprob", gm.means, gm.logweights, gm.logstds, x)
@@ -91,7 +102,7 @@ def gm_logprob(gm: GaussianMixture, x: Tensor) -> Tensor:
 
 
 def gm_to_sample(
-    gm: GaussianMixture,
+    gm: AnyGaussianMixture,
     n: int = 1,
     power: float = 1.0,
     generator: Generators = None,
@@ -105,6 +116,8 @@ def gm_to_sample(
     global RNG), or one generator per row of the leading batch dim (see :mod:`gmflow.gm.random`).
     ``cov_sharpen`` also narrows each component to s_k/√p: with the weights A^p, the samples then
     follow GM(x)^p (normalised) for well-separated components, each N(μ_k, s_k²)^p ∝ N(μ_k, s_k²/p).
+    A :class:`FullGaussianMixture` adds L_k z with the Cholesky factor L_k of the chosen
+    covariance (:func:`~gmflow.gm.full.full_gm_to_sample`), from the same random numbers.
 
     Returns:
         (..., n, C, H, W).
@@ -113,19 +126,14 @@ def gm_to_sample(
         raise ValueError(f"gm_to_sample: n must be >= 1, got {n}")
     if cov_sharpen and not power > 0:
         raise ValueError(f"gm_to_sample: cov_sharpen needs power > 0 (std s/√p), got {power}")
+    if isinstance(gm, FullGaussianMixture):
+        return full_gm_to_sample(gm, n, power, generator, cov_sharpen)
     gm, _ = promote_gm(gm)
     batch = broadcast_shapes(gm.means.shape[:-4], gm.logweights.shape[:-4], gm.logstds.shape[:-4])
     k, c, h, w = gm.means.shape[-4:]
     logw = gm.logweights if power == 1.0 else torch.log_softmax(power * gm.logweights, dim=-4)
-    logw = logw.expand(*batch, k, 1, h, w)
-    cdf = logw.squeeze(-3).movedim(-3, -1).softmax(-1).cumsum(-1)  # (..., H, W, K)
-    cdf = cdf.contiguous()
-    u = rand((*batch, h, w, n), generator, device=cdf.device, dtype=cdf.dtype)
-    u = u * cdf[..., -1:]  # guard rounding of the last bin
-    # right=True picks the k with cdf[k-1] <= u < cdf[k], so a zero-weight component (an empty bin,
-    # e.g. after gm_temperature with tau -> 0) is never drawn, not even for u = 0
-    idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_max(k - 1)  # (..., H, W, n)
-    idx = idx.movedim(-1, -3).unsqueeze(-3)  # (..., n, 1, H, W)
+    idx = categorical(logw.expand(*batch, k, 1, h, w).squeeze(-3), n, generator)
+    idx = idx.unsqueeze(-3)  # (..., n, 1, H, W)
     means = gm.means.expand(*batch, k, c, h, w)
     chosen = torch.gather(means, -4, idx.expand(*batch, n, c, h, w))  # (..., n, C, H, W)
     noise = randn((*batch, n, c, h, w), generator, device=chosen.device, dtype=chosen.dtype)
@@ -139,9 +147,17 @@ def gm_to_sample(
     return chosen + std * noise
 
 
+def _event_shape(gm: AnyGaussianMixture) -> tuple[int, int, int]:
+    """(C, H, W) of either kind of mixture."""
+    if isinstance(gm, FullGaussianMixture):
+        h, w, c = gm.means.shape[-3:]
+        return c, h, w
+    return tuple(gm.means.shape[-3:])  # type: ignore[return-value]
+
+
 def gm_kl_div(
-    p: GaussianMixture,
-    q: GaussianMixture,
+    p: AnyGaussianMixture,
+    q: AnyGaussianMixture,
     n: int = 32,
     generator: Generators = None,
     use_kr: bool = False,
@@ -151,17 +167,24 @@ def gm_kl_div(
     The samples of p come from :func:`gm_to_sample`, or with ``use_kr`` from the inverse KR map of
     N(0, I) noise (:func:`~gmflow.gm.transport.gaussian_to_gm_samples`, axis-aligned): the same
     distribution, but a reparameterised draw, so the estimate is differentiable in p's parameters
-    (the component choice of ``gm_to_sample`` is not).
+    (the component choice of ``gm_to_sample`` is not). Either mixture may be a
+    :class:`FullGaussianMixture`, except p with ``use_kr`` (the KR map needs isotropic components).
 
     Returns:
         (..., 1, H, W).
     """
-    if p.means.shape[-3:] != q.means.shape[-3:]:
+    if _event_shape(p) != _event_shape(q):
         raise ValueError(
-            f"gm_kl_div: q.means {tuple(q.means.shape)} must have the event shape (C, H, W) of "
-            f"p.means {tuple(p.means.shape)}"
+            f"gm_kl_div: q.means {tuple(q.means.shape)} has the event shape (C, H, W) = "
+            f"{_event_shape(q)}, p.means {tuple(p.means.shape)} has {_event_shape(p)}; they "
+            "must match"
         )
     check_batch("gm_kl_div: q", p, tuple(q.batch_shape))
+    if use_kr and isinstance(p, FullGaussianMixture):
+        raise ValueError(
+            "gm_kl_div: use_kr=True needs an isotropic p (the Knothe-Rosenblatt map of spec 7.9 "
+            "assumes components s_k² I), got a FullGaussianMixture; pass use_kr=False"
+        )
     if use_kr:
         from gmflow.gm.transport import gaussian_to_gm_samples  # transport builds on this module
 
@@ -176,7 +199,7 @@ def gm_kl_div(
     return (gm_logprob(p, x) - gm_logprob(q, x)).mean(dim=-3, keepdim=True)
 
 
-def gm_entropy(gm: GaussianMixture, n: int = 32, generator: Generators = None) -> Tensor:
+def gm_entropy(gm: AnyGaussianMixture, n: int = 32, generator: Generators = None) -> Tensor:
     """Monte-Carlo entropy −E[log p] per pixel with n samples (spec 7.13).
 
     Returns:

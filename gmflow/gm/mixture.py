@@ -18,6 +18,7 @@ __all__ = [
     "IsoGaussian",
     "Gaussian",
     "FullGaussianMixture",
+    "AnyGaussianMixture",
     "gm_dtype",
     "as_scalar_tensor",
 ]
@@ -218,7 +219,11 @@ class Gaussian:
 class FullGaussianMixture:
     """Per-pixel GM with full covariances (spec 7.7), channel-last layout.
 
-    Only arises as the product of an isotropic GM and a full-covariance Gaussian.
+    Arises as the product of an isotropic GM and a full-covariance Gaussian
+    (:func:`~gmflow.gm.gm_mul_gaussian`) or from :func:`~gmflow.gm.gm_to_full`. The consumers
+    (``gm_to_mean``, ``gm_to_iso_gaussian``, ``gm_to_gaussian``, ``gm_to_sample``, ``gm_logprob``,
+    ``gm_kl_div``, ``gm_entropy``, ``gm_temperature``) accept it wherever they accept an isotropic
+    mixture, and take and return points in the image layout (..., n, C, H, W).
 
     Attributes:
         means: (..., K, H, W, C).
@@ -244,3 +249,46 @@ class FullGaussianMixture:
                 f"FullGaussianMixture.logweights: expected (..., K, H, W) to match means {m}, "
                 f"got {lw}"
             )
+        _check_broadcast("FullGaussianMixture", m[:-4], c[:-5], "means and covs batch dims")
+        _check_broadcast("FullGaussianMixture", m[:-4], lw[:-3], "means and logweights batch dims")
+
+    @property
+    def num_gaussians(self) -> int:
+        """K, the number of components."""
+        return self.means.shape[-4]
+
+    @property
+    def num_channels(self) -> int:
+        """C, the event dimension per pixel."""
+        return self.means.shape[-1]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        """The leading batch dims ``...`` (of all three fields, broadcast)."""
+        return broadcast_shapes(self.means.shape[:-4], self.covs.shape[:-5],
+                                self.logweights.shape[:-3])  # fmt: skip
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.means.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    def to(self, *args, **kwargs) -> FullGaussianMixture:  # type: ignore[no-untyped-def]
+        """Apply ``Tensor.to`` to every field."""
+        return FullGaussianMixture(
+            self.means.to(*args, **kwargs),
+            self.covs.to(*args, **kwargs),
+            self.logweights.to(*args, **kwargs),
+        )
+
+    def detach(self) -> FullGaussianMixture:
+        return FullGaussianMixture(
+            self.means.detach(), self.covs.detach(), self.logweights.detach()
+        )
+
+
+AnyGaussianMixture = GaussianMixture | FullGaussianMixture
+"""An isotropic or a full-covariance mixture: what the GM consumers accept."""

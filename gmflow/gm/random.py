@@ -13,7 +13,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-__all__ = ["Generators", "randn", "rand", "row_generators"]
+__all__ = ["Generators", "randn", "rand", "categorical", "row_generators"]
 
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]  # noqa: UP007
 
@@ -57,6 +57,24 @@ def rand(
 ) -> Tensor:
     """Uniform [0, 1) draws of ``shape``; row i from ``generator[i]`` when a sequence is given."""
     return _draw(torch.rand, "rand", shape, generator, device, dtype)
+
+
+def categorical(logweights: Tensor, n: int, generator: Generators) -> Tensor:
+    """n draws of a component index per pixel from normalised log-weights (..., K, H, W).
+
+    One uniform per draw, (..., H, W, n), through the inverse CDF of the weights. A zero-weight
+    component (an empty bin, e.g. after a temperature τ -> 0) is never drawn, not even for u = 0.
+
+    Returns:
+        int64 indices (..., n, H, W).
+    """
+    k, h, w = logweights.shape[-3:]
+    cdf = logweights.movedim(-3, -1).softmax(-1).cumsum(-1).contiguous()  # (..., H, W, K)
+    u = rand((*cdf.shape[:-1], n), generator, device=cdf.device, dtype=cdf.dtype)
+    u = u * cdf[..., -1:]  # guard rounding of the last bin
+    # right=True picks the k with cdf[k-1] <= u < cdf[k]
+    idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_max(k - 1)  # (..., H, W, n)
+    return idx.movedim(-1, -3)
 
 
 def row_generators(
