@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,22 @@ class OnlineEvaluator:
             share = _share(e.num_samples, dist.rank, dist.world_size)
 
             def images(model: Any) -> Any:
+                next_report = 0.1
                 for first in range(share.start, share.stop, e.batch_size):
                     index = range(first, min(first + e.batch_size, share.stop))
                     batch = sample_batch(model, self.point, index, e.seed, e.orthogonal_guidance)
                     yield batch.images
+                    done = (index.stop - share.start) / max(len(share), 1)
+                    if dist.is_main and done >= next_report and done < 1:
+                        # rank 0's share stands for all ranks: they run the same batches
+                        elapsed = time.perf_counter() - t0
+                        logger.info(
+                            "step %d: online evaluation %d%% (%d/%d samples on rank 0, "
+                            "%.1f s, about %.0f s left)",
+                            step, int(100 * done), index.stop - share.start, len(share),
+                            elapsed, elapsed * (1 - done) / done,
+                        )  # fmt: skip
+                        next_report = math.floor(done * 10 + 1) / 10
 
             model = self._model(objective, ema)
             mine = extract_features(images(model), self.extractor, e.feature_batch_size)

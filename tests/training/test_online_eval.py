@@ -66,12 +66,17 @@ def _eval_rows(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("solver", ["gm-ode2", "gm-sde2"])
 def test_online_metrics_equal_gmflow_evaluate_on_the_checkpoint(
-    pixel_shards, reference_npz, stub, tmp_path, solver
+    pixel_shards, reference_npz, stub, tmp_path, solver, caplog
 ):
     """Same images (seeds of spec 11.2), features and metrics as the offline evaluation."""
     cfg = _recipe(pixel_shards, reference_npz, solver=solver)
     run = tmp_path / "run"
-    train(cfg, run, eval_extractor=stub)
+    with caplog.at_level("INFO", logger="gmflow.training.online_eval"):
+        train(cfg, run, eval_extractor=stub)
+    progress = [r.getMessage() for r in caplog.records if "online evaluation " in r.getMessage()]
+    # 10 samples in batches of 4: progress after 4 and 8 samples, not at the end
+    assert [m.split("(")[1].split(" samples")[0] for m in progress] == ["4/10", "8/10"], progress
+    assert progress[0].startswith("step 3: online evaluation 40% (") and "s left)" in progress[0]
     (row,) = _eval_rows(run)
     assert row["step"] == 3
     assert {"eval/fid", "eval/is", "eval/precision", "eval/recall"} <= row.keys()
