@@ -12,8 +12,11 @@ SOLVER_VARIANTS: dict[str, tuple[str, int]] = {
     "euler": ("euler", 1),
     "heun": ("heun", 1),
     "ddpm": ("ddpm", 1),
+    "dpmpp-2m": ("dpmpp-2m", 1),
+    "dpmpp-2m-sde": ("dpmpp-2m-sde", 1),
+    "unipc": ("unipc", 1),
 }
 """User-facing solver name -> (:func:`gmflow.flow.sample` solver, order)."""
 
-STOCHASTIC_SOLVERS = ("gm-sde", "ddpm")
+STOCHASTIC_SOLVERS = ("gm-sde", "ddpm", "dpmpp-2m-sde")
 """``gmflow.flow.sample`` solvers that draw noise inside the loop."""

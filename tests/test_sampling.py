@@ -108,7 +108,7 @@ def test_deterministic_solver_is_independent_of_batch_size(pixel_dir, tmp_path):
     assert results[0].seeds == (42, 43, 44) and results[0].class_ids == (1, 2, 3)
 
 
-@pytest.mark.parametrize("solver", ["gm-sde2", "ddpm"])
+@pytest.mark.parametrize("solver", ["gm-sde2", "ddpm", "dpmpp-2m-sde"])
 def test_stochastic_solver_is_independent_of_batch_size(pixel_dir, tmp_path, solver):
     results = [
         generate(

@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from gmflow.errors import ConfigError
+from gmflow.flow.scheduler_solvers import SCHEDULER_SOLVERS
 from gmflow.flow.steps import default_num_substeps
 
 __all__ = ["SOLVERS", "GUIDANCE_MODES", "GuidanceSettings", "validate_options", "validate_guidance"]
 
-SOLVERS = ("gm-sde", "gm-ode", "euler", "heun", "ddpm")
+SOLVERS = ("gm-sde", "gm-ode", "euler", "heun", "ddpm", *SCHEDULER_SOLVERS, "diffusers")
+"""``sample`` solvers: GM-SDE, GM-ODE, the mean-only baselines, the Diffusers presets of
+:mod:`gmflow.flow.scheduler_solvers` and ``"diffusers"`` (a scheduler given by the caller)."""
 GUIDANCE_MODES = ("probabilistic", "cfg")
 
 
@@ -58,6 +61,7 @@ def validate_options(
     shift: float,
     spectrum_net: object,
     gm2_correction_steps: int = 0,
+    scheduler: object = None,
 ) -> int:
     """Check the non-guidance arguments of :func:`sample`; return the number of sub-steps S."""
     if not callable(denoiser):
@@ -96,6 +100,16 @@ def validate_options(
         )
     if not (math.isfinite(shift) and shift > 0):
         raise ConfigError(f"sample: shift must be a finite number > 0 (1 = none), got {shift!r}")
+    if (scheduler is not None) != (solver == "diffusers"):
+        raise ConfigError(
+            "sample: solver='diffusers' runs the Diffusers scheduler passed as scheduler=...; "
+            f"got solver={solver!r} with scheduler={type(scheduler).__name__}"
+        )
+    if solver == "diffusers" and shift != 1.0:
+        raise ConfigError(
+            f"sample: shift={shift!r} does not reach a scheduler passed by the caller; set its "
+            "own flow_shift when you build it"
+        )
     if spectrum_net is not None and (solver != "gm-sde" or not callable(spectrum_net)):
         raise ConfigError(
             "sample: spectrum_net draws the GM-SDE x0 sample with spectral correlation; it needs "

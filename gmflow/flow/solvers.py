@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,6 +21,12 @@ from gmflow.flow.sample_options import (
     GuidanceSettings,
     validate_guidance,
     validate_options,
+)
+from gmflow.flow.scheduler_solvers import (
+    SCHEDULER_SOLVERS,
+    check_flow_scheduler,
+    make_flow_scheduler,
+    run_scheduler,
 )
 from gmflow.flow.second_order import SecondOrderState, second_order_correction
 from gmflow.flow.steps import default_num_substeps, flow_euler_step, flow_sde_step
@@ -247,6 +254,7 @@ def sample(
     spectrum_net: Callable[[IsoGaussian], Tensor] | None = None,
     progress: Callable[[int, int], None] | None = None,
     callback: Callable[[SamplerStep], None] | None = None,
+    scheduler: Any = None,
 ) -> Tensor:
     """Integrate from σ = 1 (the given noise) to σ = 0 with a GM or baseline solver (spec 8.2).
 
@@ -259,7 +267,10 @@ def sample(
       E[x0 | x] analytically at each sub-step (spec 3.5). S defaults to the paper's
       max(ceil(128/N), 2), with S = 8 at N = 4 or 6 (:func:`default_num_substeps`).
     * baselines that only use the GM mean (flow matching): ``euler`` [N], ``ddpm`` [N] (DDPM
-      posterior sample around the mean), ``heun`` [2N − 1] (the last step is Euler).
+      posterior sample around the mean), ``heun`` [2N − 1] (the last step is Euler);
+      Diffusers' multistep solvers on the GM velocity (:mod:`gmflow.flow.scheduler_solvers`):
+      ``dpmpp-2m`` [N], ``dpmpp-2m-sde`` [N], ``unipc`` [N] on their own flow σ grids, and
+      ``diffusers`` [N] with any velocity scheduler passed as ``scheduler``.
 
     ``order=2`` adds the second-order GM correction (spec 8.3) to ``gm-sde`` / ``gm-ode``, guided
     or not (unguided it uses w = 0 in its damping). Guidance: ``"probabilistic"`` (spec 6,
@@ -280,7 +291,8 @@ def sample(
         denoiser: denoiser(x_t (B, C, H, W), sigma (B,), class_labels) → GaussianMixture over
             u = ε − x0. σ ∈ [0, 1]; a network that expects t = 1000·σ scales it in its embedding.
         noise: x at σ = 1, (B, C, H, W).
-        solver: one of ``gm-sde``, ``gm-ode``, ``euler``, ``heun``, ``ddpm``.
+        solver: one of ``gm-sde``, ``gm-ode``, ``euler``, ``heun``, ``ddpm``, ``dpmpp-2m``,
+            ``dpmpp-2m-sde``, ``unipc``, ``diffusers``.
         num_steps: N ≥ 1 network steps.
         num_substeps: S for ``gm-ode`` only (None = the default above).
         order: 1, or 2 for the GM second-order correction.
@@ -304,6 +316,9 @@ def sample(
         progress: called as progress(step, num_steps) after each network step.
         callback: called with a :class:`SamplerStep` after each network step (intermediate
             states, x0-GMs and x0 estimates; for plots and debugging). Costs nothing when None.
+        scheduler: for ``solver="diffusers"``: a Diffusers scheduler that takes a velocity
+            (``prediction_type="flow_prediction"`` with ``use_flow_sigmas=True``, or a
+            ``FlowMatch*`` one) and whose σ grid ends at 0; its own shift applies.
 
     Returns:
         x at σ = 0, (B, C, H, W), fp32 (fp64 if ``noise`` is fp64).
@@ -314,8 +329,11 @@ def sample(
     """
     substeps = validate_options(
         denoiser, noise, solver, num_steps, num_substeps, order, gm2_coefs, shift, spectrum_net,
-        gm2_correction_steps,
+        gm2_correction_steps, scheduler,
     )  # fmt: skip
+    if solver == "diffusers" or solver in SCHEDULER_SOLVERS:
+        scheduler = scheduler if solver == "diffusers" else make_flow_scheduler(solver, shift)
+        check_flow_scheduler(scheduler)
     settings = validate_guidance(
         guidance,
         guidance_scale,
@@ -346,6 +364,20 @@ def sample(
                 progress=progress,
                 callback=callback,
             )
+        if scheduler is not None:
+
+            def evaluate(x: Tensor, s: float) -> tuple[GaussianMixture, Tensor]:
+                gm = _evaluate(denoiser, x, s, settings)[0]
+                return gm, gm_to_mean(gm)
+
+            def report(i, s, s_next, x_t, gm, x0_hat, x):  # type: ignore[no-untyped-def]
+                if callback is not None:
+                    callback(SamplerStep(i, num_steps, s, s_next, x_t, gm, x0_hat, x))
+
+            return run_scheduler(
+                evaluate, x, scheduler=scheduler, num_steps=num_steps, generator=generator,
+                progress=progress, report=report,
+            )  # fmt: skip
         return _sample_mean(
             denoiser,
             x,

@@ -12,9 +12,15 @@ mode choose its solver (spec 8.2, 17.4):
     FlowSDEScheduler (h = 1) + output_mode='sample' ->  'gm-sde' (S = 1; the spectrum net, when
                                                        present, draws x0 with spectral noise)
 
-and the scheduler's ``shift`` warps the σ grid. Guided steps evaluate the doubled batch
-[cond; null] in one forward pass (null = ``transformer.num_classes``). Other combinations (the
-mean with the SDE step, a sample with the ODE step) raise a ConfigError naming the fix.
+    any Diffusers scheduler that takes a velocity (``prediction_type='flow_prediction'``,
+    ``use_flow_sigmas=True``) + output_mode='mean', order=1, S = 1
+                                                  ->  'diffusers': a flow-matching baseline on
+                                                       the GM mean (spec 17.1), e.g. DPM++ 2M SDE
+
+and the scheduler's ``shift`` warps the σ grid (a Diffusers scheduler's own ``flow_shift``).
+Guided steps evaluate the doubled batch [cond; null] in one forward pass (null =
+``transformer.num_classes``). Other combinations (the mean with the SDE step, a sample with the
+ODE step) raise a ConfigError naming the fix.
 
 Randomness: ``generator`` draws the initial noise (a list gives one generator per sample, as in
 Diffusers); the in-loop draws of GM-SDE come from one device generator seeded from it, so a
@@ -35,6 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from gmflow.errors import CheckpointError, ConfigError
+from gmflow.flow.scheduler_solvers import takes_velocity
 from gmflow.flow.solvers import sample
 from gmflow.model_loading import decode_images
 from gmflow.models.vae import VAE
@@ -182,11 +189,22 @@ class GMDiTPipeline(DiffusionPipeline):
                     f"h=1; got h={scheduler.config.h}"
                 )
             return "gm-sde", None
+        if not isinstance(scheduler, FlowEulerODEScheduler | FlowSDEScheduler) and takes_velocity(
+            scheduler
+        ):  # a Diffusers scheduler as a flow-matching baseline on the GM mean
+            if output_mode != "mean" or num_substeps != 1:
+                raise ConfigError(
+                    f"{type(scheduler).__name__} runs on the GM mean as a flow-matching baseline: "
+                    f"pass output_mode='mean', num_inference_substeps=1 and order=1 (got "
+                    f"output_mode={output_mode!r}, num_inference_substeps={num_substeps})"
+                )
+            return "diffusers", None
         raise ConfigError(
             f"output_mode={output_mode!r} with {type(scheduler).__name__} is not a GMFlow solver: "
             "use output_mode='mean' with FlowEulerODEScheduler (GM-ODE) or output_mode='sample' "
             "with FlowSDEScheduler (GM-SDE); swap with "
-            "pipe.scheduler = FlowSDEScheduler.from_config(pipe.scheduler.config)"
+            "pipe.scheduler = FlowSDEScheduler.from_config(pipe.scheduler.config); a Diffusers "
+            "baseline scheduler needs prediction_type='flow_prediction' and use_flow_sigmas=True"
         )
 
     def _class_ids(self, class_labels: Any) -> list[int]:
@@ -277,7 +295,8 @@ class GMDiTPipeline(DiffusionPipeline):
                 null_class_id=int(transformer.num_classes),
                 gm2_coefs=(float(gm2_coefs[0]), float(gm2_coefs[1])),
                 gm2_correction_steps=gm2_correction_steps,
-                shift=float(self.scheduler.config.shift),
+                shift=1.0 if solver == "diffusers" else float(self.scheduler.config.shift),
+                scheduler=self.scheduler if solver == "diffusers" else None,
                 class_labels=torch.tensor(ids, dtype=torch.long, device=device),
                 generator=loop_generator,
                 spectrum_net=self.spectrum_net if use_spectrum else None,

@@ -41,7 +41,11 @@ def sample(
     step: StepOpt = None,
     solver: Annotated[
         str,
-        typer.Option("--solver", help="gm-ode2, gm-sde2, gm-ode, gm-sde, euler, heun or ddpm."),
+        typer.Option(
+            "--solver",
+            help="gm-ode2, gm-sde2, gm-ode, gm-sde; baselines on the GM mean: euler, heun, ddpm, "
+            "dpmpp-2m, dpmpp-2m-sde, unipc.",
+        ),
     ] = "gm-ode2",
     classes: Annotated[
         list[str] | None,

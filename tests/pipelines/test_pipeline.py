@@ -299,6 +299,36 @@ def test_sample_mode_draws_x0_through_the_spectrum_net():
     assert not torch.allclose(spectral.images, other.images)
 
 
+def test_a_diffusers_scheduler_runs_as_a_flow_matching_baseline_on_the_gm_mean():
+    """Spec 17.1: any Diffusers scheduler, here DPM++ 2M SDE, via from_config of the pipeline's."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = _tiny_pipeline()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, prediction_type="flow_prediction", use_flow_sigmas=True,
+        algorithm_type="sde-dpmsolver++", flow_shift=2.0,
+    )  # fmt: skip
+    call = dict(guidance_scale=0.3, num_inference_steps=3, num_inference_substeps=1, order=1)
+    got = pipe([1, 7], generator=torch.Generator().manual_seed(4), output_type="latent", **call)
+    gen = torch.Generator().manual_seed(4)  # the pipeline's draws: noise, then the loop seed
+    noise = torch.randn(2, 3, 8, 8, generator=gen)
+    loop = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    expected = sample(
+        pipe.transformer, noise, solver="diffusers", scheduler=pipe.scheduler, num_steps=3,
+        guidance_scale=0.3, null_class_id=10, class_labels=torch.tensor([1, 7]), generator=loop,
+    )  # fmt: skip
+    torch.testing.assert_close(got.images, expected, rtol=0, atol=0)
+    other = pipe([1, 7], generator=torch.Generator().manual_seed(5), output_type="latent", **call)
+    assert not torch.allclose(other.images, got.images)
+    with pytest.raises(ConfigError, match=r"output_mode='mean', num_inference_substeps=1 and "):
+        pipe([1], num_inference_steps=2, order=1)  # default S = 4
+    with pytest.raises(ConfigError, match=r"order=2 is the GM second-order correction"):
+        pipe([1], num_inference_steps=2, num_inference_substeps=1)  # default order 2
+    pipe.scheduler = DPMSolverMultistepScheduler()  # epsilon prediction: not a velocity model
+    with pytest.raises(ConfigError, match=r"needs prediction_type='flow_prediction'"):
+        pipe([1], num_inference_steps=2, num_inference_substeps=1, order=1)
+
+
 def test_call_rejects_bad_options():
     pipe = _tiny_pipeline()
     for w in (1.0, 1.5, -0.1):
