@@ -30,7 +30,10 @@ __all__ = [
 ]
 
 GM_SOLVERS = ("gm-sde2", "gm-ode2", "gm-sde", "gm-ode")  # gmflow toy: run on the GMFlow model
-BASELINE_SOLVERS = ("euler", "heun")  # gmflow toy: run on the K = 1 flow-matching baseline
+# gmflow toy: run on the K = 1 flow-matching baseline (the default grid uses euler and heun; the
+# Diffusers multistep solvers show the paper's "second-order baselines push mass outwards")
+BASELINE_SOLVERS = ("euler", "heun", "dpmpp-2m", "dpmpp-2m-sde", "unipc")
+DEFAULT_TOY_SOLVERS = (*GM_SOLVERS, "euler", "heun")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,7 +293,7 @@ class ToyEvalConfig:
     """The evaluation grid of ``gmflow toy`` and its metrics (issue 3 §4)."""
 
     num_samples: int = 100_000  # samples per grid cell (and for the noise floor)
-    solvers: tuple[str, ...] = GM_SOLVERS + BASELINE_SOLVERS
+    solvers: tuple[str, ...] = DEFAULT_TOY_SOLVERS
     nfes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # network evaluations per sample
     gm_ode_fine_steps: int = 32  # GM-ODE sub-steps S = max(ceil(fine_steps / N), 2); paper: 128
     batch_size: int = 10_000  # points per sampler call (small chunks stay in the CPU caches)

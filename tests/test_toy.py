@@ -314,6 +314,16 @@ def test_run_toy_trains_only_the_models_the_grid_uses(tmp_path):
     assert load_toy_recipe(tmp_path / "config.yaml") == run
 
 
+def test_diffusers_baselines_run_on_the_k1_model(tmp_path):
+    run = load_toy_recipe(None, [*TINY, "toy.eval.solvers=[dpmpp-2m, dpmpp-2m-sde, unipc]",
+                                 "toy.eval.nfes=[2]"])  # fmt: skip
+    result = run_toy(toy_config_from_run(run), tmp_path)
+    assert set(result.metrics["train"]) == {"baseline"}
+    grid = result.metrics["grid"]
+    assert [c["solver"] for c in grid] == ["dpmpp-2m", "dpmpp-2m-sde", "unipc"]
+    assert all(c["network_evals"] == 2 and math.isfinite(c["kl"]) for c in grid)
+
+
 @pytest.mark.slow
 def test_gmflow_toy_command(tmp_path):
     from typer.testing import CliRunner
