@@ -70,6 +70,7 @@ class SampleConfig:
     gm2_coefs: tuple[float, float] = (0.005, 1.0)  # (c_a, c_b) of the order-2 damping
     gm2_correction_steps: int = 0  # order-2 mean-matching iterations (spec 8.3 step 9)
     shift: float | None = None  # time shift of the σ grid; None = the model's (pipeline/recipe)
+    sde_h: float = 1.0  # ddpm only: FlowSDE diffusion coefficient h (1 = DDPM, 0 = Euler)
     seed: int = 42  # sample i starts from the noise of seed + i
     batch_size: int = 16
     dtype: str = "fp32"  # network weights: fp32 or bf16 (GM maths stays fp32)
@@ -155,6 +156,14 @@ class SampleConfig:
             isinstance(self.shift, int | float) and math.isfinite(self.shift) and self.shift > 0
         ):
             raise ConfigError(f"--shift {self.shift} must be a finite number > 0 (1 = no shift)")
+        if not (isinstance(self.sde_h, int | float) and math.isfinite(self.sde_h)
+                and self.sde_h >= 0):  # fmt: skip
+            raise ConfigError(f"--sde-h {self.sde_h} must be a finite number >= 0 (1 = DDPM)")
+        if self.sde_h != 1 and SOLVERS[self.solver][0] != "ddpm":
+            raise ConfigError(
+                f"--sde-h {self.sde_h} sets the FlowSDE step of the ddpm baseline; solver "
+                f"{self.solver!r} does not take it (GM-SDE is exact only with h = 1)"
+            )
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -249,6 +258,7 @@ def generate(cfg: SampleConfig, progress: Callable[[int, int], None] | None = No
             gm2_correction_steps=cfg.gm2_correction_steps if order == 2 else 0,
             null_class_id=model.num_classes,
             shift=model.shift if cfg.shift is None else float(cfg.shift),
+            sde_h=float(cfg.sde_h),
             class_labels=torch.tensor([class_ids[i] for i in index], device=cfg.device),
             generator=generator,
             spectrum_net=model.spectrum_net if solver == "gm-sde" else None,
@@ -329,6 +339,7 @@ def _manifest(
             "gm2_coefs": list(cfg.gm2_coefs) if order == 2 else None,
             "gm2_correction_steps": cfg.gm2_correction_steps if order == 2 else None,
             "shift": model.shift if cfg.shift is None else cfg.shift,
+            "sde_h": cfg.sde_h if solver == "ddpm" else None,
             "null_class_id": model.num_classes,
             "spectral_sampling": solver == "gm-sde" and model.spectrum_net is not None,
             "in_loop_noise": "one generator per sample" if solver in STOCHASTIC else "none",

@@ -62,6 +62,7 @@ def validate_options(
     spectrum_net: object,
     gm2_correction_steps: int = 0,
     scheduler: object = None,
+    sde_h: float = 1.0,
 ) -> int:
     """Check the non-guidance arguments of :func:`sample`; return the number of sub-steps S."""
     if not callable(denoiser):
@@ -100,6 +101,13 @@ def validate_options(
         )
     if not (math.isfinite(shift) and shift > 0):
         raise ConfigError(f"sample: shift must be a finite number > 0 (1 = none), got {shift!r}")
+    if not (isinstance(sde_h, numbers.Real) and math.isfinite(sde_h) and sde_h >= 0):
+        raise ConfigError(f"sample: sde_h must be a finite number >= 0, got {sde_h!r}")
+    if sde_h != 1 and solver != "ddpm":
+        raise ConfigError(
+            f"sample: sde_h={sde_h} is the FlowSDE diffusion coefficient of the 'ddpm' baseline; "
+            f"solver={solver!r} does not take it (GM-SDE is exact only with h = 1)"
+        )
     if (scheduler is not None) != (solver == "diffusers"):
         raise ConfigError(
             "sample: solver='diffusers' runs the Diffusers scheduler passed as scheduler=...; "

@@ -205,6 +205,7 @@ def _sample_mean(
     generator: Generators,
     progress: Callable[[int, int], None] | None,
     callback: Callable[[SamplerStep], None] | None = None,
+    sde_h: float = 1.0,
 ) -> Tensor:
     """Flow-matching baselines driven by the GM mean only: Euler, Heun, DDPM (spec 8.1)."""
     grid = sigma_grid(num_steps, shift).tolist()
@@ -216,7 +217,7 @@ def _sample_mean(
         x0_hat = gm_to_mean(gm)
         if solver == "ddpm":
             noise = _randn_like(x, generator) if s_next > 0 else None
-            x = x0_hat if noise is None else flow_sde_step(x, x0_hat, s, s_next, noise)
+            x = x0_hat if noise is None else flow_sde_step(x, x0_hat, s, s_next, noise, sde_h)
         elif solver == "euler" or s_next == 0:
             x = flow_euler_step(x, x0_hat, s, s_next)
         else:  # heun: average the velocities at both ends (the last step stays Euler)
@@ -255,6 +256,7 @@ def sample(
     progress: Callable[[int, int], None] | None = None,
     callback: Callable[[SamplerStep], None] | None = None,
     scheduler: Any = None,
+    sde_h: float = 1.0,
 ) -> Tensor:
     """Integrate from σ = 1 (the given noise) to σ = 0 with a GM or baseline solver (spec 8.2).
 
@@ -267,7 +269,8 @@ def sample(
       E[x0 | x] analytically at each sub-step (spec 3.5). S defaults to the paper's
       max(ceil(128/N), 2), with S = 8 at N = 4 or 6 (:func:`default_num_substeps`).
     * baselines that only use the GM mean (flow matching): ``euler`` [N], ``ddpm`` [N] (DDPM
-      posterior sample around the mean), ``heun`` [2N − 1] (the last step is Euler);
+      posterior sample around the mean; ``sde_h`` sets FlowSDE's h), ``heun`` [2N − 1] (the
+      last step is Euler);
       Diffusers' multistep solvers on the GM velocity (:mod:`gmflow.flow.scheduler_solvers`):
       ``dpmpp-2m`` [N], ``dpmpp-2m-sde`` [N], ``unipc`` [N] on their own flow σ grids, and
       ``diffusers`` [N] with any velocity scheduler passed as ``scheduler``.
@@ -319,6 +322,8 @@ def sample(
         scheduler: for ``solver="diffusers"``: a Diffusers scheduler that takes a velocity
             (``prediction_type="flow_prediction"`` with ``use_flow_sigmas=True``, or a
             ``FlowMatch*`` one) and whose σ grid ends at 0; its own shift applies.
+        sde_h: the diffusion coefficient h of the ``ddpm`` baseline's FlowSDE step (spec 8.1;
+            1 = the DDPM posterior sample, 0 = the Euler step, larger = more noise).
 
     Returns:
         x at σ = 0, (B, C, H, W), fp32 (fp64 if ``noise`` is fp64).
@@ -329,7 +334,7 @@ def sample(
     """
     substeps = validate_options(
         denoiser, noise, solver, num_steps, num_substeps, order, gm2_coefs, shift, spectrum_net,
-        gm2_correction_steps, scheduler,
+        gm2_correction_steps, scheduler, sde_h,
     )  # fmt: skip
     if solver == "diffusers" or solver in SCHEDULER_SOLVERS:
         scheduler = scheduler if solver == "diffusers" else make_flow_scheduler(solver, shift)
@@ -388,4 +393,5 @@ def sample(
             generator=generator,
             progress=progress,
             callback=callback,
+            sde_h=float(sde_h),
         )

@@ -103,6 +103,12 @@ def sample(
             show_default=False,
         ),
     ] = None,
+    sde_h: Annotated[
+        float,
+        typer.Option(
+            "--sde-h", help="ddpm only: FlowSDE diffusion coefficient h (1 = DDPM, 0 = Euler)."
+        ),
+    ] = 1.0,
     seed: Annotated[
         int, typer.Option("--seed", help="Image i starts from the noise of seed + i.")
     ] = 42,
@@ -174,6 +180,7 @@ def sample(
         gm2_coefs=tuple(gm2_coefs),
         gm2_correction_steps=gm2_correction_steps,
         shift=shift,
+        sde_h=sde_h,
         seed=seed,
         batch_size=batch_size,
         dtype=dtype,

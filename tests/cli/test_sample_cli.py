@@ -180,6 +180,8 @@ def test_latent_pipeline_decodes_through_its_vae(pipelines, capsys, tmp_path):
         (["--solver", "gm-ode", "--gm2-correction-steps", "2"], "refines the order-2"),
         (["--gm2-coefs", "-1", "1"], "--gm2-coefs"),
         (["--shift", "0"], "--shift 0.0 must be a finite number > 0"),
+        (["--sde-h", "0.5"], "--sde-h 0.5 sets the FlowSDE step of the ddpm baseline"),
+        (["--solver", "ddpm", "--sde-h", "-1"], "--sde-h -1.0 must be a finite number >= 0"),
     ],
 )
 def test_bad_options_exit_1_with_a_message(args, message, pipelines, capsys, tmp_path):

@@ -245,6 +245,27 @@ def test_first_order_mean_mode_is_a_plain_ddim_sampler(generator):
     assert_close(sample(den, x1, solver="euler", num_steps=6), want, rtol=0, atol=1e-12)
 
 
+def test_ddpm_sde_h_interpolates_between_euler_and_more_noise():
+    """FlowSDE's h (spec 8.1) in the ddpm baseline: h = 0 is Euler, h = 1 the default."""
+    den, x1 = data_2d(), noise(32, 2)
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    euler = sample(den, x1, solver="euler", num_steps=5)
+    h0 = sample(den, x1, solver="ddpm", num_steps=5, sde_h=0.0, generator=gen())
+    assert_close(h0, euler, rtol=0, atol=1e-12)
+    default = sample(den, x1, solver="ddpm", num_steps=5, generator=gen())
+    assert torch.equal(sample(den, x1, solver="ddpm", num_steps=5, sde_h=1, generator=gen()),
+                       default)  # fmt: skip
+    # h = 2 forgets more of x at each step than DDPM: a different result from the same draws
+    one = sample(den, x1, solver="ddpm", num_steps=5, sde_h=2.0, generator=gen())
+    assert not torch.allclose(one, default)
+    for kwargs, match in [
+        ({"solver": "ddpm", "sde_h": -0.5}, r"sde_h must be a finite number >= 0"),
+        ({"solver": "gm-sde", "sde_h": 0.5}, r"GM-SDE is exact only with h = 1"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            sample(den, x1, num_steps=2, **kwargs)
+
+
 def test_ddpm_baseline_is_the_posterior_sample_around_the_mean(generator):
     den = LinearGMDenoiser()
     x1 = torch.randn(4, 2, 2, 2, generator=generator, dtype=F64)
