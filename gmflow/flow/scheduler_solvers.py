@@ -20,6 +20,8 @@ through ``sample(solver="diffusers", scheduler=...)``, as long as it takes a vel
 
 Stochastic schedulers draw their noise from ``generator``: one generator, or one per row (Diffusers
 accepts a list with one generator per sample), so seeded results do not depend on the batch size.
+Unlike the GM solvers these loops are not free of host-device syncs on a GPU (Diffusers looks its
+step index up on the device once per run and keeps σ on the host); for baselines that is fine.
 """
 
 from __future__ import annotations
