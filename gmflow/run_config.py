@@ -255,6 +255,10 @@ class TrainConfig:
     # states one training precision, whichever command trains it.
     precision: Literal["auto", "fp32", "bf16"] = "bf16"
     compile: bool = False  # torch.compile the denoiser
+    # TF32 tensor cores for fp32 matmuls and convolutions on CUDA (Ampere and later) while
+    # training; spec 4.x allows it. Off: it only speeds up fp32 training (bf16 autocast already
+    # runs the trunk in bf16), and it would also round the fp32 GM maths' matmuls to 10 bits.
+    tf32: bool = False
     checkpoint_every: int = 1000
     checkpoint_milestones: tuple[int, ...] = (40_000, 80_000, 120_000, 160_000, 200_000)
     keep_last: int = 1

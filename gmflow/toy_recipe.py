@@ -249,6 +249,8 @@ def toy_config_from_run(run: RunConfig) -> ToyConfig:
             f"train.batch_size_per_device ({t.batch_size_per_device}): the toy trains on one "
             "device without accumulation (--batch-size sets both)"
         )
+    if t.tf32:
+        problems.append("train.tf32 must be false: it is a `gmflow train` setting")
     if problems:
         raise ConfigError("gmflow toy cannot run this recipe: " + "; ".join(problems))
     device = t.device

@@ -242,6 +242,7 @@ def test_old_schema_recipe_names_the_new_keys(tmp_path):
         (["optim.grad_clip=1.0"], "optim.grad_clip must be null"),
         (["loss.timesteps=logit_normal"], "loss.timesteps must be 'uniform'"),
         (["model.constant_logstd=0.0"], "toy.baseline.constant_logstd"),
+        (["train.tf32=true"], "train.tf32 must be false"),
     ],
 )
 def test_settings_the_toy_cannot_honour_are_clear_errors(overrides, match):

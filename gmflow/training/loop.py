@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,10 @@ def _check_world(cfg: RunConfig, dist: DistInfo) -> None:
         )
     if cfg.train.compile and dist.device.type != "cuda":
         raise ConfigError("train.compile=true is a GPU option; set train.compile=false on CPU")
+    if cfg.train.tf32 and dist.device.type != "cuda":
+        raise ConfigError(
+            "train.tf32=true is a GPU option (TF32 tensor cores); set it false on CPU"
+        )
 
 
 def ema_schedule(cfg: RunConfig) -> EMASchedule:
@@ -93,6 +97,20 @@ def _autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContex
     ):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Allow TF32 matmuls and cuDNN convolutions inside, on CUDA only; restore the flags after."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def train(
@@ -123,7 +141,8 @@ def train(
     run_dir = Path(run_dir)
     dist = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, run_dir, dist, progress, stop_after, eval_extractor)
+        with tf32_mode(cfg.train.tf32, dist.device):
+            return _train(cfg, run_dir, dist, progress, stop_after, eval_extractor)
     finally:
         cleanup_distributed()
 

@@ -20,6 +20,7 @@ from gmflow.errors import ConfigError, DataError, DivergenceError
 from gmflow.run_config import RunConfig
 from gmflow.training import train
 from gmflow.training.checkpoint import latest_checkpoint, list_checkpoints
+from gmflow.training.loop import tf32_mode
 
 TINY = {
     "model": {
@@ -161,6 +162,18 @@ def test_gpu_only_options_on_cpu(tmp_path):
         train(tiny(device="cuda"), tmp_path)
     with pytest.raises(ConfigError, match="compile=true is a GPU option"):
         train(tiny(compile=True), tmp_path)
+    with pytest.raises(ConfigError, match="tf32=true is a GPU option"):
+        train(tiny(tf32=True), tmp_path)
+
+
+def test_tf32_mode_sets_the_cuda_flags_inside_and_restores_them():
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before = flags()
+    with tf32_mode(True, torch.device("cuda", 0)):
+        assert flags() == (True, True)
+    assert flags() == before
+    with tf32_mode(True, torch.device("cpu")), tf32_mode(False, torch.device("cuda")):
+        assert flags() == before  # CPU, or off: nothing changes
 
 
 def test_missing_shards_fail_before_step_0(tmp_path):
