@@ -9,7 +9,8 @@ sampling) on top of a flow-matching Euler step. Ratios to ``euler`` are measured
 
 Cases: ImageNet latents (B, K=8, C=4, 32x32) and the 2-D toy (B, K=64, C=2, 1x1), fp32 state.
 Configurations: euler; gm-sde; gm-ode with 4 sub-steps per NFE; both with order 2; both with
-order 2 and probabilistic guidance w = 0.45 (one call on the doubled batch). Time = median over
+order 2 and probabilistic guidance w = 0.45 (one call on the doubled batch); Diffusers' dpmpp-2m,
+dpmpp-2m-sde and unipc on the GM mean. Time = median over
 ``--repeats`` runs of ``--steps`` steps, divided by the steps (NFE).
 """
 
@@ -37,6 +38,10 @@ CONFIGS = {
         "order": 2,
         "guidance_scale": 0.45,
     },
+    # Diffusers' multistep baselines on the GM mean (gmflow.flow.scheduler_solvers)
+    "dpmpp-2m": {"solver": "dpmpp-2m"},
+    "dpmpp-2m-sde": {"solver": "dpmpp-2m-sde"},
+    "unipc": {"solver": "unipc"},
 }
 
 
