@@ -50,6 +50,16 @@ class LoadedModel:
     source: str  # what was loaded (folder or hub id, or run folder)
 
 
+def scheduler_shift(scheduler: Any) -> float:
+    """The σ-grid shift a pipeline's scheduler states: ours call it ``shift``, Diffusers' flow
+    schedulers ``flow_shift`` (or ``shift``); 1 where it states none."""
+    config = scheduler.config
+    for key in ("shift", "flow_shift"):
+        if key in config:
+            return float(config[key])
+    return 1.0
+
+
 def load_model(cfg: SampleConfig) -> LoadedModel:
     """Load the model of ``cfg`` onto ``cfg.device`` in ``cfg.dtype`` (eval mode).
 
@@ -94,7 +104,7 @@ def _load_pretrained(cfg: SampleConfig, dtype: torch.dtype) -> LoadedModel:
         num_classes=int(t.num_classes),
         in_channels=int(t.in_channels),
         sample_size=int(t.sample_size),
-        shift=float(pipe.scheduler.config.shift),
+        shift=scheduler_shift(pipe.scheduler),
         labels=pipe.label_index,
         source=str(cfg.pretrained),
     )

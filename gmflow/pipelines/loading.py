@@ -84,6 +84,8 @@ def resolve_component(name: str, entry: Sequence[Any] | None) -> type | None:
     if library is None or class_name is None:
         return None
     table = COMPONENTS[name]
+    if name == "scheduler" and library == "diffusers":
+        return _diffusers_scheduler(class_name)
     if name == "vae":
         library_ok, expected_library = library == "diffusers", "'diffusers'"
     else:
@@ -97,6 +99,26 @@ def resolve_component(name: str, entry: Sequence[Any] | None) -> type | None:
         )
     module, ours = table[class_name]
     return getattr(importlib.import_module(module), ours)
+
+
+def _diffusers_scheduler(class_name: str) -> type:
+    """A Diffusers scheduler class (a flow-matching baseline a user swapped in and saved).
+
+    Only attributes of the installed ``diffusers`` package that subclass ``SchedulerMixin`` are
+    accepted: a scheduler is built from its JSON config alone, so nothing from the folder runs.
+    """
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, str(class_name), None) if str(class_name).isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise CheckpointError(
+            f"model_index.json: scheduler = ['diffusers', {class_name!r}] is not a scheduler of "
+            f"the installed diffusers {diffusers.__version__}; expected a class such as "
+            "DPMSolverMultistepScheduler, or one of gmflow's FlowEulerODEScheduler / "
+            "FlowSDEScheduler"
+        )
+    return cls
 
 
 def read_model_index(folder: Path) -> dict[str, Any]:

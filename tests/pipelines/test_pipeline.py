@@ -329,6 +329,32 @@ def test_a_diffusers_scheduler_runs_as_a_flow_matching_baseline_on_the_gm_mean()
         pipe([1], num_inference_steps=2, num_inference_substeps=1, order=1)
 
 
+def test_a_pipeline_saved_with_a_diffusers_scheduler_loads_back(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from gmflow.model_loading import scheduler_shift
+
+    pipe = _tiny_pipeline()
+    pipe.scheduler = DPMSolverMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=2.0
+    )
+    pipe.save_pretrained(tmp_path / "dpm")
+    loaded = GMDiTPipeline.from_pretrained(tmp_path / "dpm")
+    assert isinstance(loaded.scheduler, DPMSolverMultistepScheduler)
+    assert scheduler_shift(loaded.scheduler) == 2.0 and scheduler_shift(pipe.scheduler) == 2.0
+    assert scheduler_shift(FlowSDEScheduler(shift=3.0)) == 3.0
+    call = dict(num_inference_steps=3, num_inference_substeps=1, order=1, output_type="latent")
+    a = pipe([1, 2], generator=torch.Generator().manual_seed(0), **call).images
+    b = loaded([1, 2], generator=torch.Generator().manual_seed(0), **call).images
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    index_path = tmp_path / "dpm" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["scheduler"] = ["diffusers", "AutoencoderKL"]  # a diffusers class, but no scheduler
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"'AutoencoderKL'\] is not a scheduler of the "):
+        GMDiTPipeline.from_pretrained(tmp_path / "dpm")
+
+
 def test_call_rejects_bad_options():
     pipe = _tiny_pipeline()
     for w in (1.0, 1.5, -0.1):
