@@ -30,7 +30,12 @@ import torch
 
 from gmflow.errors import ConfigError
 from gmflow.model_loading import DTYPES, LoadedModel, decode_images, load_model
-from gmflow.solver_names import SOLVER_VARIANTS, STOCHASTIC_SOLVERS
+from gmflow.solver_names import (
+    DEFAULT_ORTHOGONAL,
+    GUIDANCE_MODES,
+    SOLVER_VARIANTS,
+    STOCHASTIC_SOLVERS,
+)
 
 __all__ = [
     "SOLVERS",
@@ -62,8 +67,11 @@ class SampleConfig:
     num_per_class: int = 1
     num_steps: int = 32  # N network evaluations per sample
     num_substeps: int | None = None  # GM-ODE sub-steps S; None = flow.default_num_substeps(N)
-    guidance_scale: float = 0.45  # probabilistic guidance w in [0, 1); 0 = off
-    orthogonal_guidance: float = 1.0  # o in [0, 1]: share of the guidance bias kept ⟂ to μ_c
+    guidance_scale: float = 0.45  # probabilistic guidance w in [0, 1) (0 = off), or CFG g >= 1
+    guidance_mode: str = "probabilistic"  # or "cfg": vanilla classifier-free guidance
+    # o in [0, 1], the orthogonal projection of the guidance bias; None = the mode's default
+    # (1 = the paper's for probabilistic guidance, 0 = plain CFG)
+    orthogonal_guidance: float | None = None
     guidance_interval: tuple[float, float] | None = (
         None  # (σ_a, σ_b): guide only inside; None = all
     )
@@ -101,10 +109,22 @@ class SampleConfig:
             _check_int(name, getattr(self, name))
         for name, value in (("seed", self.seed), *(("class id", c) for c in self.class_ids)):
             _check_int(name, value, minimum=0)
-        if not (isinstance(self.guidance_scale, int | float) and 0 <= self.guidance_scale < 1):
+        mode, scale = self.guidance_mode, self.guidance_scale
+        if mode not in GUIDANCE_MODES:
             raise ConfigError(
-                f"--guidance {self.guidance_scale} is outside [0, 1): it is the probabilistic "
-                "guidance w (0 = off, ~0.04 best FID, 0.45 for sharp images), not a CFG scale"
+                f"--guidance-mode {mode!r}; expected one of {', '.join(GUIDANCE_MODES)}"
+            )
+        scale_ok = isinstance(scale, int | float) and math.isfinite(scale)
+        if mode == "cfg" and not (scale_ok and scale >= 1):
+            raise ConfigError(
+                f"--guidance {scale} is below 1: with --guidance-mode cfg it is the CFG scale "
+                "g >= 1 (1 = off)"
+            )
+        if mode == "probabilistic" and not (scale_ok and 0 <= scale < 1):
+            raise ConfigError(
+                f"--guidance {scale} is outside [0, 1): it is the probabilistic "
+                "guidance w (0 = off, ~0.04 best FID, 0.45 for sharp images), not a CFG scale "
+                "(for CFG pass --guidance-mode cfg)"
             )
         self._check_sampler_options()
         if bool(self.classes) == bool(self.class_ids):
@@ -125,12 +145,18 @@ class SampleConfig:
         if self.pretrained is None and self.variant is not None:
             raise ConfigError("variant applies to --pretrained only")
 
+    @property
+    def orthogonal(self) -> float:
+        """The orthogonal-projection strength o in use (the mode's default when None)."""
+        if self.orthogonal_guidance is None:
+            return DEFAULT_ORTHOGONAL.get(self.guidance_mode, 1.0)
+        return self.orthogonal_guidance
+
     def _check_sampler_options(self) -> None:
         """The options that tune a solver, with the flag that sets each in the message."""
-        if not (isinstance(self.orthogonal_guidance, int | float)
-                and 0 <= self.orthogonal_guidance <= 1):  # fmt: skip
+        if not (isinstance(self.orthogonal, int | float) and 0 <= self.orthogonal <= 1):
             raise ConfigError(
-                f"--orthogonal-guidance {self.orthogonal_guidance} is outside [0, 1]: the strength "
+                f"--orthogonal-guidance {self.orthogonal} is outside [0, 1]: the strength "
                 "of the orthogonal projection of the guidance bias (1 = the paper's, 0 = none)"
             )
         interval = self.guidance_interval
@@ -252,7 +278,9 @@ def generate(cfg: SampleConfig, progress: Callable[[int, int], None] | None = No
             num_substeps=cfg.num_substeps,
             order=order,
             guidance_scale=float(cfg.guidance_scale),
-            orthogonal_guidance=float(cfg.orthogonal_guidance),
+            guidance=cfg.guidance_mode,
+            orthogonal_guidance=1.0 if cfg.guidance_mode == "cfg" else float(cfg.orthogonal),
+            cfg_orthogonal_guidance=float(cfg.orthogonal) if cfg.guidance_mode == "cfg" else 0.0,
             guidance_interval=cfg.guidance_interval,
             gm2_coefs=cfg.gm2_coefs,
             gm2_correction_steps=cfg.gm2_correction_steps if order == 2 else 0,
@@ -334,7 +362,8 @@ def _manifest(
             "num_steps": cfg.num_steps,
             "num_substeps": substeps if solver == "gm-ode" else 1,
             "guidance_scale": cfg.guidance_scale,
-            "orthogonal_guidance": cfg.orthogonal_guidance,
+            "guidance_mode": cfg.guidance_mode,
+            "orthogonal_guidance": cfg.orthogonal,
             "guidance_interval": cfg.guidance_interval,
             "gm2_coefs": list(cfg.gm2_coefs) if order == 2 else None,
             "gm2_correction_steps": cfg.gm2_correction_steps if order == 2 else None,

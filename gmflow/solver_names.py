@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SOLVER_VARIANTS", "STOCHASTIC_SOLVERS"]
+__all__ = ["SOLVER_VARIANTS", "STOCHASTIC_SOLVERS", "GUIDANCE_MODES", "DEFAULT_ORTHOGONAL"]
 
 SOLVER_VARIANTS: dict[str, tuple[str, int]] = {
     "gm-ode2": ("gm-ode", 2),
@@ -20,3 +20,11 @@ SOLVER_VARIANTS: dict[str, tuple[str, int]] = {
 
 STOCHASTIC_SOLVERS = ("gm-sde", "ddpm", "dpmpp-2m-sde")
 """``gmflow.flow.sample`` solvers that draw noise inside the loop."""
+
+GUIDANCE_MODES = ("probabilistic", "cfg")
+"""``gmflow.flow.sample``'s guidance: GMFlow's probabilistic guidance (w in [0, 1)) or vanilla
+classifier-free guidance (g >= 1)."""
+
+DEFAULT_ORTHOGONAL = {"probabilistic": 1.0, "cfg": 0.0}
+"""Orthogonal-projection strength o per guidance mode when none is given: the paper's 1 for
+probabilistic guidance, 0 (plain CFG, the baseline) for vanilla CFG."""

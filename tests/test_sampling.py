@@ -137,6 +137,33 @@ def test_stochastic_solver_is_reproducible_and_seeded(pixel_dir, tmp_path):
         assert not np.array_equal(_png(a), _png(c))
 
 
+def test_cfg_mode_is_vanilla_cfg_of_flow_sample(pixel_dir, tmp_path):
+    """--guidance-mode cfg: the images of flow.sample(guidance="cfg") from the same seeds."""
+    from gmflow.model_loading import decode_images, load_model
+
+    cfg = _config(tmp_path / "cfg", pretrained=str(pixel_dir), solver="euler", num_substeps=None,
+                  guidance_mode="cfg", guidance_scale=2.5, class_ids=(1, 2))  # fmt: skip
+    result = generate(cfg)
+    sampler = json.loads(result.manifest_path.read_text())["sampler"]
+    assert (sampler["guidance_mode"], sampler["orthogonal_guidance"]) == ("cfg", 0.0)
+    model = load_model(cfg)
+    noise = torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(42 + i))
+                         for i in range(2)])  # fmt: skip
+    x0 = sample(model.denoiser, noise, solver="euler", num_steps=2, guidance="cfg",
+                guidance_scale=2.5, null_class_id=1000, shift=1.5,
+                class_labels=torch.tensor([1, 2]))  # fmt: skip
+    expected = (decode_images(x0, model.vae) * 255).round().permute(0, 2, 3, 1).numpy()
+    for path, image in zip(result.image_paths, expected, strict=True):
+        assert np.abs(_png(path) - image).max() <= 1
+    # g = 1 is no guidance: the images of probabilistic w = 0
+    off = generate(replace(cfg, out_dir=tmp_path / "g1", guidance_scale=1.0))
+    plain = generate(replace(cfg, out_dir=tmp_path / "w0", guidance_mode="probabilistic",
+                             guidance_scale=0.0))  # fmt: skip
+    for a, b in zip(off.image_paths, plain.image_paths, strict=True):
+        assert np.array_equal(_png(a), _png(b))
+    assert not np.array_equal(_png(off.image_paths[0]), _png(result.image_paths[0]))
+
+
 def test_generate_equals_the_pipeline_call_through_the_vae(latent_dir, tmp_path):
     from gmflow.pipelines import GMDiTPipeline
 
@@ -302,6 +329,9 @@ def test_run_folder_errors(tmp_path):
         (dict(step=3), "--step picks a checkpoint of a --run"),
         (dict(pretrained=None, run=Path("run"), step=-1), "step must be an integer >= 0"),
         (dict(orthogonal_guidance=1.5), "--orthogonal-guidance 1.5"),
+        (dict(guidance_mode="cfg", guidance_scale=0.5), "with --guidance-mode cfg it is the CFG"),
+        (dict(guidance_mode="classifier"), "--guidance-mode 'classifier'; expected one of"),
+        (dict(guidance_scale=2.0), "for CFG pass --guidance-mode cfg"),
     ],
 )
 def test_config_errors(kwargs, match, tmp_path):

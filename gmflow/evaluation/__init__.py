@@ -212,7 +212,7 @@ def evaluate(
                 model, point, point_dir,
                 num_samples=cfg.num_samples, shard_size=cfg.shard_size,
                 batch_size=cfg.batch_size, seed=cfg.seed,
-                orthogonal_guidance=cfg.orthogonal_guidance,
+                orthogonal_guidance=cfg.orthogonal,
                 rank=dist.rank, world_size=dist.world_size, progress=advance,
             )  # fmt: skip
             written, skipped = written + stats.shards_written, skipped + stats.shards_skipped
@@ -282,7 +282,8 @@ def _point_metrics(
         "num_steps": point.num_steps,
         "num_substeps": point.num_substeps,
         "guidance_scale": point.guidance_scale,
-        "orthogonal_guidance": cfg.orthogonal_guidance,
+        "guidance_mode": point.guidance_mode,
+        "orthogonal_guidance": cfg.orthogonal,
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,

@@ -10,12 +10,18 @@ It loads from a YAML recipe with ``gmflow.config.load_recipe(path, EvalConfig, o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from gmflow.errors import ConfigError
-from gmflow.solver_names import SOLVER_VARIANTS, STOCHASTIC_SOLVERS
+from gmflow.solver_names import (
+    DEFAULT_ORTHOGONAL,
+    GUIDANCE_MODES,
+    SOLVER_VARIANTS,
+    STOCHASTIC_SOLVERS,
+)
 
 __all__ = [
     "PAPER_GUIDANCE_SCALES",
@@ -58,14 +64,16 @@ class SweepPoint:
     solver: str  # a key of EVAL_SOLVERS, e.g. "gm-ode2"
     num_steps: int  # N network evaluations
     num_substeps: int  # S (1 except GM-ODE)
-    guidance_scale: float  # probabilistic guidance w in [0, 1)
+    guidance_scale: float  # probabilistic guidance w in [0, 1), or the CFG scale g >= 1
+    guidance_mode: str = "probabilistic"  # or "cfg" (vanilla classifier-free guidance)
 
     @property
     def id(self) -> str:
-        """Folder name of the point, e.g. ``gm-ode2_n008_s16_w0.0400`` (sorts by N, then w)."""
+        """Folder name of the point, e.g. ``gm-ode2_n008_s16_w0.0400`` (sorts by N, then w);
+        CFG points end in ``_cfg`` (``euler_n032_s01_w1.5000_cfg``)."""
         return (
             f"{self.solver}_n{self.num_steps:03d}_s{self.num_substeps:02d}"
-            f"_w{self.guidance_scale:.4f}"
+            f"_w{self.guidance_scale:.4f}" + ("_cfg" if self.guidance_mode == "cfg" else "")
         )
 
     @property
@@ -95,7 +103,10 @@ class EvalConfig:
     steps: tuple[int, ...] = (8, 32)  # N per solver
     num_substeps: int | None = None  # GM-ODE sub-steps S; None = flow.default_num_substeps(N)
     guidance_scales: tuple[float, ...] = PAPER_GUIDANCE_SCALES
-    orthogonal_guidance: float = 1.0  # o of probabilistic guidance (spec 6)
+    # probabilistic (spec 6, w in [0, 1)) or cfg (vanilla CFG, g >= 1: Table 4's ablation)
+    guidance_mode: Literal["probabilistic", "cfg"] = "probabilistic"
+    # o of the orthogonal projection; None = the mode's default (1 probabilistic, 0 cfg)
+    orthogonal_guidance: float | None = None
     num_samples: int = 50_000  # per sweep point
     batch_size: int = 125  # images per network call and device
     shard_size: int = 1000  # images per uint8 shard (the unit of resuming and of torchrun work)
@@ -135,16 +146,27 @@ class EvalConfig:
             _check_int("steps", n)
         _check_int("num_substeps", self.num_substeps, allow_none=True)
         _check_unique("guidance_scales", self.guidance_scales)
-        bad_w = [w for w in self.guidance_scales if not 0 <= w < 1]
-        if bad_w:
+        if self.guidance_mode not in GUIDANCE_MODES:
             raise ConfigError(
-                f"guidance scales {bad_w} are outside [0, 1): w is the probabilistic guidance "
-                "(0 = off, ~0.04 best FID, ~0.4 best precision), not a CFG scale"
+                f"guidance_mode {self.guidance_mode!r}; expected one of {', '.join(GUIDANCE_MODES)}"
             )
-        if not 0 <= self.orthogonal_guidance <= 1:
-            raise ConfigError(
-                f"orthogonal_guidance must lie in [0, 1], got {self.orthogonal_guidance}"
-            )
+        if self.guidance_mode == "cfg":
+            bad_w = [w for w in self.guidance_scales if not (math.isfinite(w) and w >= 1)]
+            if bad_w:
+                raise ConfigError(
+                    f"guidance scales {bad_w} are below 1: with guidance_mode cfg they are CFG "
+                    "scales g >= 1 (1 = off)"
+                )
+        else:
+            bad_w = [w for w in self.guidance_scales if not 0 <= w < 1]
+            if bad_w:
+                raise ConfigError(
+                    f"guidance scales {bad_w} are outside [0, 1): w is the probabilistic guidance "
+                    "(0 = off, ~0.04 best FID, ~0.4 best precision), not a CFG scale; for CFG "
+                    "set guidance_mode cfg"
+                )
+        if not 0 <= self.orthogonal <= 1:
+            raise ConfigError(f"orthogonal_guidance must lie in [0, 1], got {self.orthogonal}")
         _check_int("num_samples", self.num_samples, minimum=2)
         for name in ("batch_size", "shard_size", "feature_batch_size", "prc_neighborhood"):
             _check_int(name, getattr(self, name))
@@ -169,6 +191,13 @@ class EvalConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device {self.device!r}; expected auto, cpu, cuda or cuda:N")
 
+    @property
+    def orthogonal(self) -> float:
+        """The orthogonal-projection strength o in use (the mode's default when None)."""
+        if self.orthogonal_guidance is None:
+            return DEFAULT_ORTHOGONAL.get(self.guidance_mode, 1.0)
+        return float(self.orthogonal_guidance)
+
     def points(self) -> list[SweepPoint]:
         """The sweep in evaluation order (:func:`sweep_points`)."""
         return sweep_points(self)
@@ -189,8 +218,10 @@ class EvalConfig:
             "num_samples": self.num_samples,
             "shard_size": self.shard_size,
             "seed": self.seed,
-            "orthogonal_guidance": self.orthogonal_guidance,
+            "orthogonal_guidance": self.orthogonal,
         }
+        if self.guidance_mode != "probabilistic":  # absent for probabilistic: older sweeps resume
+            settings["guidance_mode"] = self.guidance_mode
         if any(p.stochastic for p in self.points()):
             settings["batch_size"] = self.batch_size
         return settings
@@ -199,7 +230,7 @@ class EvalConfig:
 def sweep_points(cfg: EvalConfig) -> list[SweepPoint]:
     """solvers x steps x guidance_scales, in the order given (solver-major)."""
     return [
-        SweepPoint(s, n, substeps_for(s, n, cfg.num_substeps), float(w))
+        SweepPoint(s, n, substeps_for(s, n, cfg.num_substeps), float(w), cfg.guidance_mode)
         for s in cfg.solvers
         for n in cfg.steps
         for w in cfg.guidance_scales

@@ -39,6 +39,7 @@ from torch import Tensor
 from gmflow.errors import DataError
 from gmflow.evaluation.config import EVAL_SOLVERS, NOISE_SEED_OFFSET, SEED_STRIDE, SweepPoint
 from gmflow.gm.random import row_generators
+from gmflow.solver_names import DEFAULT_ORTHOGONAL
 
 __all__ = [
     "NOISE_SEED_OFFSET",
@@ -148,7 +149,7 @@ class SampleBatch:
 
 
 def sample_batch(
-    model: Any, point: SweepPoint, index: range, seed: int, orthogonal_guidance: float = 1.0
+    model: Any, point: SweepPoint, index: range, seed: int, orthogonal_guidance: float | None = None
 ) -> SampleBatch:
     """Draw samples ``index`` of ``point`` (the module docstring's seeds) as uint8 images.
 
@@ -157,15 +158,20 @@ def sample_batch(
 
     Args:
         model: a :class:`gmflow.model_loading.LoadedModel` (denoiser, spectrum net, VAE, shapes).
-        point: solver, steps, sub-steps and guidance scale.
+        point: solver, steps, sub-steps, guidance scale and mode.
         index: the sample indices (any batching gives the same images).
         seed: the evaluation seed.
-        orthogonal_guidance: o of probabilistic guidance.
+        orthogonal_guidance: o of the point's guidance mode (None = the mode's default: 1 for
+            probabilistic guidance, 0 for CFG).
     """
     from gmflow.flow import sample
     from gmflow.model_loading import decode_images
 
     solver, order = EVAL_SOLVERS[point.solver]
+    cfg = point.guidance_mode == "cfg"
+    o = orthogonal_guidance
+    if o is None:
+        o = DEFAULT_ORTHOGONAL[point.guidance_mode]
     device = next(model.denoiser.parameters()).device
     shape = (model.in_channels, model.sample_size, model.sample_size)
     labels, noise = sample_inputs(index, seed, model.num_classes, shape)
@@ -181,7 +187,9 @@ def sample_batch(
         num_substeps=point.num_substeps if solver == "gm-ode" else None,
         order=order,
         guidance_scale=point.guidance_scale,
-        orthogonal_guidance=orthogonal_guidance,
+        guidance=point.guidance_mode,
+        orthogonal_guidance=1.0 if cfg else o,  # each mode reads its own strength
+        cfg_orthogonal_guidance=o if cfg else 0.0,
         null_class_id=model.num_classes,
         shift=model.shift,
         class_labels=labels.to(device),
@@ -203,7 +211,7 @@ def generate_point(
     shard_size: int,
     batch_size: int,
     seed: int,
-    orthogonal_guidance: float = 1.0,
+    orthogonal_guidance: float | None = None,
     rank: int = 0,
     world_size: int = 1,
     progress: Callable[[int], None] | None = None,
@@ -215,7 +223,7 @@ def generate_point(
         point: solver, steps, sub-steps and guidance scale.
         point_dir: the point's folder (created).
         num_samples, shard_size, batch_size, seed: see :class:`EvalConfig`.
-        orthogonal_guidance: o of probabilistic guidance.
+        orthogonal_guidance: o of the point's guidance mode (None = its default).
         rank, world_size: this process's share (shards rank, rank + world_size, ...).
         progress: called with the number of images finished after each batch (skipped shards
             included, so the count reaches this rank's total).

@@ -11,13 +11,20 @@ from torch import Tensor
 from gmflow.errors import ConfigError
 from gmflow.flow.scheduler_solvers import SCHEDULER_SOLVERS
 from gmflow.flow.steps import default_num_substeps
+from gmflow.solver_names import DEFAULT_ORTHOGONAL, GUIDANCE_MODES
 
-__all__ = ["SOLVERS", "GUIDANCE_MODES", "GuidanceSettings", "validate_options", "validate_guidance"]
+__all__ = [
+    "SOLVERS",
+    "GUIDANCE_MODES",
+    "DEFAULT_ORTHOGONAL",
+    "GuidanceSettings",
+    "validate_options",
+    "validate_guidance",
+]
 
 SOLVERS = ("gm-sde", "gm-ode", "euler", "heun", "ddpm", *SCHEDULER_SOLVERS, "diffusers")
 """``sample`` solvers: GM-SDE, GM-ODE, the mean-only baselines, the Diffusers presets of
 :mod:`gmflow.flow.scheduler_solvers` and ``"diffusers"`` (a scheduler given by the caller)."""
-GUIDANCE_MODES = ("probabilistic", "cfg")
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,14 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
+    guidance_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--guidance-mode",
+            help="probabilistic (default; scales w in [0, 1)) or cfg (vanilla CFG, scales >= 1).",
+            show_default=False,
+        ),
+    ] = None,
     solvers: Annotated[
         list[str] | None,
         typer.Option("--solvers", help="e.g. gm-ode2 gm-sde2 (default).", show_default=False),
@@ -175,6 +183,7 @@ def evaluate(
         "step": step,
         "reference": reference,
         "guidance_scales": _guidance_scales(guidance_sweep) if guidance_sweep else None,
+        "guidance_mode": guidance_mode,
         "solvers": tuple(solvers) if solvers else None,
         "steps": tuple(steps) if steps else None,
         "num_samples": num_samples,

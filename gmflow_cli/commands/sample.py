@@ -69,14 +69,29 @@ def sample(
         ),
     ] = "auto",
     guidance: Annotated[
-        float, typer.Option("--guidance", help="Probabilistic guidance w in [0, 1); 0 = off.")
-    ] = 0.45,
-    orthogonal_guidance: Annotated[
         float,
         typer.Option(
-            "--orthogonal-guidance", help="Orthogonal projection o in [0, 1] of the guidance bias."
+            "--guidance",
+            help="Probabilistic guidance w in [0, 1) (0 = off); with --guidance-mode cfg the CFG "
+            "scale g >= 1.",
         ),
-    ] = 1.0,
+    ] = 0.45,
+    guidance_mode: Annotated[
+        str,
+        typer.Option(
+            "--guidance-mode",
+            help="probabilistic (GMFlow's) or cfg (vanilla classifier-free guidance, a baseline).",
+        ),
+    ] = "probabilistic",
+    orthogonal_guidance: Annotated[
+        float | None,
+        typer.Option(
+            "--orthogonal-guidance",
+            help="Orthogonal projection o in [0, 1] of the guidance bias (default: 1, or 0 with "
+            "cfg).",
+            show_default=False,
+        ),
+    ] = None,
     guidance_interval: Annotated[
         tuple[float, float] | None,
         typer.Option(
@@ -175,6 +190,7 @@ def sample(
         num_steps=steps,
         num_substeps=num_substeps,
         guidance_scale=guidance,
+        guidance_mode=guidance_mode,
         orthogonal_guidance=orthogonal_guidance,
         guidance_interval=guidance_interval,
         gm2_coefs=tuple(gm2_coefs),

@@ -115,6 +115,11 @@ def test_dry_run_prints_the_resolved_config(capsys):
         ["--pretrained", "P", "--reference", "R", "--guidance-sweep", "0.1", "--dry-run"], capsys
     )
     assert code == 0 and "guidance_scales:\n- 0.1\n" in out
+    code, out, _ = _run(
+        ["--pretrained", "P", "--reference", "R", "--guidance-mode", "cfg", "--guidance-sweep",
+         "1.5", "4", "--dry-run"], capsys,
+    )  # fmt: skip
+    assert code == 0 and "guidance_scales:\n- 1.5\n- 4.0\n" in out and "guidance_mode: cfg" in out
 
 
 @pytest.mark.parametrize(
@@ -129,6 +134,7 @@ def test_dry_run_prints_the_resolved_config(capsys):
         (["--reference", "R"], 1, "exactly one model"),
         (["--pretrained", "P"], 1, "no reference set"),
         (["--pretrained", "P", "--reference", "R", "--solvers", "rk4"], 1, "unknown solvers"),
+        (["--pretrained", "P", "--reference", "R", "--guidance-mode", "cfg"], 1, "are below 1"),
     ],
 )
 def test_bad_options_exit_with_a_message(args, code, match, capsys, captured):

@@ -107,10 +107,10 @@ def test_options_reach_sample_config(captured, capsys, tmp_path):
     assert _run(args, capsys)[0] == 0
     assert captured[-1].classes == ("jay", "great white shark")
     cfg = captured[-1]  # the sampler-tuning options keep the paper's defaults
-    assert (cfg.orthogonal_guidance, cfg.guidance_interval, cfg.gm2_coefs) == (
+    assert (cfg.orthogonal, cfg.guidance_interval, cfg.gm2_coefs) == (
         1.0, None, (0.005, 1.0),
     )  # fmt: skip
-    assert (cfg.gm2_correction_steps, cfg.shift) == (0, None)
+    assert (cfg.gm2_correction_steps, cfg.shift, cfg.guidance_mode) == (0, None, "probabilistic")
     args = ["--pretrained", "D", "--class-ids", "3", "--orthogonal-guidance", "0.5",
             "--guidance-interval", "0.1", "0.9", "--gm2-coefs", "0.01", "2", "--shift", "3",
             "--gm2-correction-steps", "2", "--out-dir", "o"]  # fmt: skip
@@ -181,6 +181,7 @@ def test_latent_pipeline_decodes_through_its_vae(pipelines, capsys, tmp_path):
         (["--gm2-coefs", "-1", "1"], "--gm2-coefs"),
         (["--shift", "0"], "--shift 0.0 must be a finite number > 0"),
         (["--sde-h", "0.5"], "--sde-h 0.5 sets the FlowSDE step of the ddpm baseline"),
+        (["--guidance-mode", "cfg"], "--guidance 0.45 is below 1: with --guidance-mode cfg"),
         (["--solver", "ddpm", "--sde-h", "-1"], "--sde-h -1.0 must be a finite number >= 0"),
     ],
 )

@@ -76,7 +76,8 @@ def test_paper_recipe_is_the_protocol_of_spec_11_2():
         ("gm-sde2", 32, 1),
     }
     assert len(cfg.points()) == 80 and cfg.num_samples == 50_000 and cfg.batch_size == 125
-    assert (cfg.seed, cfg.orthogonal_guidance, cfg.prc_neighborhood) == (0, 1.0, 3)
+    assert (cfg.seed, cfg.orthogonal, cfg.prc_neighborhood) == (0, 1.0, 3)
+    assert cfg.guidance_mode == "probabilistic"
 
 
 def test_eval_solvers_are_the_sampling_solvers():
@@ -97,6 +98,13 @@ def test_eval_solvers_are_the_sampling_solvers():
         ({"reference": ""}, "no reference set"),
         ({"device": "tpu"}, "device"),
         ({"seed": 430}, "beyond 2\\^32"),
+        ({"guidance_scales": (0.1, 1.2)}, "for CFG set guidance_mode cfg"),
+        ({"guidance_mode": "cfg"}, r"are below 1: with guidance_mode cfg"),  # the paper's w
+        (
+            {"guidance_mode": "cfg", "guidance_scales": (1.5,), "orthogonal_guidance": 2.0},
+            r"orthogonal_guidance must lie in \[0, 1\], got 2.0",
+        ),  # fmt: skip
+        ({"guidance_mode": "cf"}, "guidance_mode 'cf'; expected one of"),
     ],
 )
 def test_config_errors(kwargs, match, tmp_path):
@@ -229,6 +237,34 @@ def test_an_out_dir_of_other_settings_is_refused(tiny_pipeline, reference_npz, t
         replace(cfg, guidance_scales=(0.0, 0.4)), extractor=stub
     )  # new points: fine
     assert (extended.shards_written, len(extended.rows)) == (2, 2)
+
+
+def test_a_cfg_sweep_is_vanilla_cfg_and_its_own_points(tiny_pipeline, reference_npz, tmp_path,
+                                                       stub):  # fmt: skip
+    """guidance_mode cfg: Table 4's CFG ablation; its points and settings differ from w's."""
+    from gmflow.evaluation.config import sweep_points
+    from gmflow.evaluation.samples import sample_batch
+    from gmflow.model_loading import load_model
+    from gmflow.sampling import SampleConfig
+
+    cfg = _cfg(tiny_pipeline, reference_npz, tmp_path / "cfg", guidance_mode="cfg",
+               guidance_scales=(1.0, 3.0))  # fmt: skip
+    assert [p.id for p in cfg.points()] == ["euler_n001_s01_w1.0000_cfg",
+                                            "euler_n001_s01_w3.0000_cfg"]  # fmt: skip
+    assert cfg.orthogonal == 0.0 and cfg.sample_settings()["guidance_mode"] == "cfg"
+    assert "guidance_mode" not in _cfg(tiny_pipeline, reference_npz, tmp_path).sample_settings()
+    rows = evaluate(cfg, extractor=stub).rows
+    assert [(r["guidance_mode"], r["guidance_scale"], r["orthogonal_guidance"]) for r in rows] == [
+        ("cfg", 1.0, 0.0), ("cfg", 3.0, 0.0)
+    ]  # fmt: skip
+    # the images are vanilla CFG's: g = 1 equals w = 0, g = 3 differs
+    model = load_model(SampleConfig(out_dir=tmp_path, pretrained=str(tiny_pipeline),
+                                    class_ids=(1,), device="cpu"))  # fmt: skip
+    g1, g3 = (_images(cfg.out_dir, p.id, 8, 4) for p in sweep_points(cfg))
+    (w0,) = [p for p in sweep_points(replace(cfg, guidance_mode="probabilistic",
+                                             guidance_scales=(0.0,)))]  # fmt: skip
+    np.testing.assert_array_equal(g1, sample_batch(model, w0, range(8), 0).images)
+    assert not np.array_equal(g1, g3)
 
 
 def test_missing_inception_weights_fail_before_sampling(
