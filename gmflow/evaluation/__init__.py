@@ -213,6 +213,7 @@ def evaluate(
                 num_samples=cfg.num_samples, shard_size=cfg.shard_size,
                 batch_size=cfg.batch_size, seed=cfg.seed,
                 orthogonal_guidance=cfg.orthogonal,
+                guidance_interval=cfg.guidance_interval,
                 rank=dist.rank, world_size=dist.world_size, progress=advance,
             )  # fmt: skip
             written, skipped = written + stats.shards_written, skipped + stats.shards_skipped
@@ -284,6 +285,7 @@ def _point_metrics(
         "guidance_scale": point.guidance_scale,
         "guidance_mode": point.guidance_mode,
         "orthogonal_guidance": cfg.orthogonal,
+        "guidance_interval": None if cfg.guidance_interval is None else list(cfg.guidance_interval),
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,

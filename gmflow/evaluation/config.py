@@ -107,6 +107,8 @@ class EvalConfig:
     guidance_mode: Literal["probabilistic", "cfg"] = "probabilistic"
     # o of the orthogonal projection; None = the mode's default (1 probabilistic, 0 cfg)
     orthogonal_guidance: float | None = None
+    # (σ_a, σ_b): guide only for σ_a <= σ <= σ_b (spec 17.1 guidance_interval); None = everywhere
+    guidance_interval: tuple[float, float] | None = None
     num_samples: int = 50_000  # per sweep point
     batch_size: int = 125  # images per network call and device
     shard_size: int = 1000  # images per uint8 shard (the unit of resuming and of torchrun work)
@@ -167,6 +169,14 @@ class EvalConfig:
                 )
         if not 0 <= self.orthogonal <= 1:
             raise ConfigError(f"orthogonal_guidance must lie in [0, 1], got {self.orthogonal}")
+        interval = self.guidance_interval
+        if interval is not None and (
+            len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1
+        ):
+            raise ConfigError(
+                f"guidance_interval {list(interval)} must be two noise levels 0 <= sigma_a <= "
+                "sigma_b <= 1 (guidance applies for sigma_a <= sigma <= sigma_b), or null"
+            )
         _check_int("num_samples", self.num_samples, minimum=2)
         for name in ("batch_size", "shard_size", "feature_batch_size", "prc_neighborhood"):
             _check_int(name, getattr(self, name))
@@ -220,8 +230,12 @@ class EvalConfig:
             "seed": self.seed,
             "orthogonal_guidance": self.orthogonal,
         }
-        if self.guidance_mode != "probabilistic":  # absent for probabilistic: older sweeps resume
+        # keys that change the pixels only when set: absent at their defaults, so older sweeps
+        # resume
+        if self.guidance_mode != "probabilistic":
             settings["guidance_mode"] = self.guidance_mode
+        if self.guidance_interval is not None:
+            settings["guidance_interval"] = [float(s) for s in self.guidance_interval]
         if any(p.stochastic for p in self.points()):
             settings["batch_size"] = self.batch_size
         return settings

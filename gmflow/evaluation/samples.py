@@ -149,7 +149,12 @@ class SampleBatch:
 
 
 def sample_batch(
-    model: Any, point: SweepPoint, index: range, seed: int, orthogonal_guidance: float | None = None
+    model: Any,
+    point: SweepPoint,
+    index: range,
+    seed: int,
+    orthogonal_guidance: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> SampleBatch:
     """Draw samples ``index`` of ``point`` (the module docstring's seeds) as uint8 images.
 
@@ -163,6 +168,7 @@ def sample_batch(
         seed: the evaluation seed.
         orthogonal_guidance: o of the point's guidance mode (None = the mode's default: 1 for
             probabilistic guidance, 0 for CFG).
+        guidance_interval: (σ_a, σ_b): guide only there; None = at every step.
     """
     from gmflow.flow import sample
     from gmflow.model_loading import decode_images
@@ -190,6 +196,7 @@ def sample_batch(
         guidance=point.guidance_mode,
         orthogonal_guidance=1.0 if cfg else o,  # each mode reads its own strength
         cfg_orthogonal_guidance=o if cfg else 0.0,
+        guidance_interval=guidance_interval,
         null_class_id=model.num_classes,
         shift=model.shift,
         class_labels=labels.to(device),
@@ -212,6 +219,7 @@ def generate_point(
     batch_size: int,
     seed: int,
     orthogonal_guidance: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
     rank: int = 0,
     world_size: int = 1,
     progress: Callable[[int], None] | None = None,
@@ -224,6 +232,7 @@ def generate_point(
         point_dir: the point's folder (created).
         num_samples, shard_size, batch_size, seed: see :class:`EvalConfig`.
         orthogonal_guidance: o of the point's guidance mode (None = its default).
+        guidance_interval: (σ_a, σ_b) of guidance; None = everywhere.
         rank, world_size: this process's share (shards rank, rank + world_size, ...).
         progress: called with the number of images finished after each batch (skipped shards
             included, so the count reaches this rank's total).
@@ -246,7 +255,9 @@ def generate_point(
         try:
             for first in range(spec.start, spec.stop, batch_size):
                 index = range(first, min(first + batch_size, spec.stop))
-                batch = sample_batch(model, point, index, seed, orthogonal_guidance)
+                batch = sample_batch(
+                    model, point, index, seed, orthogonal_guidance, guidance_interval
+                )
                 t2 = time.perf_counter()
                 for i, label, image in zip(index, batch.labels, batch.images, strict=True):
                     key = f"{i:09d}"

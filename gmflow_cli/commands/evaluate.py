@@ -113,6 +113,14 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
+    guidance_interval: Annotated[
+        tuple[float, float] | None,
+        typer.Option(
+            "--guidance-interval",
+            help="Guide only for SIGMA_A <= sigma <= SIGMA_B, e.g. --guidance-interval 0.1 0.9.",
+            show_default=False,
+        ),
+    ] = None,
     solvers: Annotated[
         list[str] | None,
         typer.Option("--solvers", help="e.g. gm-ode2 gm-sde2 (default).", show_default=False),
@@ -184,6 +192,7 @@ def evaluate(
         "reference": reference,
         "guidance_scales": _guidance_scales(guidance_sweep) if guidance_sweep else None,
         "guidance_mode": guidance_mode,
+        "guidance_interval": tuple(guidance_interval) if guidance_interval else None,
         "solvers": tuple(solvers) if solvers else None,
         "steps": tuple(steps) if steps else None,
         "num_samples": num_samples,

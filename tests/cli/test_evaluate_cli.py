@@ -120,6 +120,11 @@ def test_dry_run_prints_the_resolved_config(capsys):
          "1.5", "4", "--dry-run"], capsys,
     )  # fmt: skip
     assert code == 0 and "guidance_scales:\n- 1.5\n- 4.0\n" in out and "guidance_mode: cfg" in out
+    code, out, _ = _run(
+        ["--pretrained", "P", "--reference", "R", "--guidance-interval", "0.2", "0.8",
+         "--dry-run"], capsys,
+    )  # fmt: skip
+    assert code == 0 and "guidance_interval:\n- 0.2\n- 0.8\n" in out
 
 
 @pytest.mark.parametrize(

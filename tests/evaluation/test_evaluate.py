@@ -105,6 +105,7 @@ def test_eval_solvers_are_the_sampling_solvers():
             r"orthogonal_guidance must lie in \[0, 1\], got 2.0",
         ),  # fmt: skip
         ({"guidance_mode": "cf"}, "guidance_mode 'cf'; expected one of"),
+        ({"guidance_interval": (0.9, 0.1)}, r"guidance_interval \[0.9, 0.1\] must be two"),
     ],
 )
 def test_config_errors(kwargs, match, tmp_path):
@@ -265,6 +266,26 @@ def test_a_cfg_sweep_is_vanilla_cfg_and_its_own_points(tiny_pipeline, reference_
                                              guidance_scales=(0.0,)))]  # fmt: skip
     np.testing.assert_array_equal(g1, sample_batch(model, w0, range(8), 0).images)
     assert not np.array_equal(g1, g3)
+
+
+def test_a_guidance_interval_reaches_the_samples(tiny_pipeline, reference_npz, tmp_path, stub):
+    from gmflow.evaluation.samples import sample_batch
+    from gmflow.model_loading import load_model
+    from gmflow.sampling import SampleConfig
+
+    cfg = _cfg(tiny_pipeline, reference_npz, tmp_path / "gi", steps=(2,), guidance_scales=(0.4,),
+               guidance_interval=(0.6, 1.0))  # fmt: skip
+    assert cfg.sample_settings()["guidance_interval"] == [0.6, 1.0]
+    (row,) = evaluate(cfg, extractor=stub).rows
+    assert row["guidance_interval"] == [0.6, 1.0]
+    (point,) = cfg.points()
+    model = load_model(SampleConfig(out_dir=tmp_path, pretrained=str(tiny_pipeline),
+                                    class_ids=(1,), device="cpu"))  # fmt: skip
+    images = _images(cfg.out_dir, point.id, 8, 4)
+    inside = sample_batch(model, point, range(8), 0, guidance_interval=(0.6, 1.0)).images
+    everywhere = sample_batch(model, point, range(8), 0).images
+    np.testing.assert_array_equal(images, inside)
+    assert not np.array_equal(images, everywhere)  # the second step (σ = 0.5) is unguided
 
 
 def test_missing_inception_weights_fail_before_sampling(
