@@ -27,3 +27,11 @@ StepOpt = Annotated[
         show_default=False,
     ),
 ]
+GuidanceIntervalOpt = Annotated[
+    tuple[float, float] | None,
+    typer.Option(
+        "--guidance-interval",
+        help="Guide only for SIGMA_A <= sigma <= SIGMA_B, e.g. --guidance-interval 0.1 0.9.",
+        show_default=False,
+    ),
+]

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-from gmflow_cli.options import DryRunOpt, OverrideOpt, StepOpt
+from gmflow_cli.options import DryRunOpt, GuidanceIntervalOpt, OverrideOpt, StepOpt
 
 MULTI_VALUE_OPTIONS = ("--guidance-sweep", "--solvers", "--steps")
 
@@ -113,14 +113,7 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
-    guidance_interval: Annotated[
-        tuple[float, float] | None,
-        typer.Option(
-            "--guidance-interval",
-            help="Guide only for SIGMA_A <= sigma <= SIGMA_B, e.g. --guidance-interval 0.1 0.9.",
-            show_default=False,
-        ),
-    ] = None,
+    guidance_interval: GuidanceIntervalOpt = None,
     solvers: Annotated[
         list[str] | None,
         typer.Option("--solvers", help="e.g. gm-ode2 gm-sde2 (default).", show_default=False),

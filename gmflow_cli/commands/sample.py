@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gmflow_cli.options import StepOpt
+from gmflow_cli.options import GuidanceIntervalOpt, StepOpt
 
 SAMPLE_CONTEXT = {"allow_extra_args": True}
 """Registration settings: the values after the first of ``--classes jay magpie`` reach the
@@ -92,14 +92,7 @@ def sample(
             show_default=False,
         ),
     ] = None,
-    guidance_interval: Annotated[
-        tuple[float, float] | None,
-        typer.Option(
-            "--guidance-interval",
-            help="Guide only for SIGMA_A <= sigma <= SIGMA_B, e.g. --guidance-interval 0.1 0.9.",
-            show_default=False,
-        ),
-    ] = None,
+    guidance_interval: GuidanceIntervalOpt = None,
     gm2_coefs: Annotated[
         tuple[float, float],
         typer.Option("--gm2-coefs", help="Order-2 damping coefficients c_a c_b."),
