@@ -190,7 +190,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, Path]
         for legend, g in groups.items():
             pts = [(r["guidance_scale"], r[key]) for r in g if r.get(key) is not None]
             ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=legend)
-        ax.set_xlabel("guidance scale w")
+        cfg = any(r.get("guidance_mode") == "cfg" for r in rows)
+        ax.set_xlabel("CFG scale g" if cfg else "guidance scale w")
         ax.set_ylabel(label)
         if key == "fid" and all(r["fid"] > 0 for r in rows):
             ax.set_yscale("log")
