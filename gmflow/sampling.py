@@ -31,10 +31,12 @@ import torch
 from gmflow.errors import ConfigError
 from gmflow.model_loading import DTYPES, LoadedModel, decode_images, load_model
 from gmflow.solver_names import (
-    DEFAULT_ORTHOGONAL,
     GUIDANCE_MODES,
     SOLVER_VARIANTS,
     STOCHASTIC_SOLVERS,
+    check_guidance_interval,
+    guidance_kwargs,
+    orthogonal_for,
 )
 
 __all__ = [
@@ -148,9 +150,7 @@ class SampleConfig:
     @property
     def orthogonal(self) -> float:
         """The orthogonal-projection strength o in use (the mode's default when None)."""
-        if self.orthogonal_guidance is None:
-            return DEFAULT_ORTHOGONAL.get(self.guidance_mode, 1.0)
-        return self.orthogonal_guidance
+        return orthogonal_for(self.guidance_mode, self.orthogonal_guidance)
 
     def _check_sampler_options(self) -> None:
         """The options that tune a solver, with the flag that sets each in the message."""
@@ -159,14 +159,7 @@ class SampleConfig:
                 f"--orthogonal-guidance {self.orthogonal} is outside [0, 1]: the strength "
                 "of the orthogonal projection of the guidance bias (1 = the paper's, 0 = none)"
             )
-        interval = self.guidance_interval
-        if interval is not None and (
-            len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1
-        ):
-            raise ConfigError(
-                f"--guidance-interval {interval} must be two noise levels 0 <= sigma_a <= sigma_b "
-                "<= 1 (guidance applies for sigma_a <= sigma <= sigma_b)"
-            )
+        check_guidance_interval("--guidance-interval", self.guidance_interval)
         coefs = self.gm2_coefs
         if len(coefs) != 2 or not all(
             isinstance(c, int | float) and math.isfinite(c) and c >= 0 for c in coefs
@@ -278,9 +271,7 @@ def generate(cfg: SampleConfig, progress: Callable[[int, int], None] | None = No
             num_substeps=cfg.num_substeps,
             order=order,
             guidance_scale=float(cfg.guidance_scale),
-            guidance=cfg.guidance_mode,
-            orthogonal_guidance=1.0 if cfg.guidance_mode == "cfg" else float(cfg.orthogonal),
-            cfg_orthogonal_guidance=float(cfg.orthogonal) if cfg.guidance_mode == "cfg" else 0.0,
+            **guidance_kwargs(cfg.guidance_mode, cfg.orthogonal),
             guidance_interval=cfg.guidance_interval,
             gm2_coefs=cfg.gm2_coefs,
             gm2_correction_steps=cfg.gm2_correction_steps if order == 2 else 0,

@@ -1,8 +1,21 @@
-"""The solver names users type (`gmflow sample`, `gmflow evaluate`) in one place; no torch."""
+"""The solver and guidance settings users type (`gmflow sample`, `gmflow evaluate`) in one place;
+no torch."""
 
 from __future__ import annotations
 
-__all__ = ["SOLVER_VARIANTS", "STOCHASTIC_SOLVERS", "GUIDANCE_MODES", "DEFAULT_ORTHOGONAL"]
+from typing import Any
+
+from gmflow.errors import ConfigError
+
+__all__ = [
+    "SOLVER_VARIANTS",
+    "STOCHASTIC_SOLVERS",
+    "GUIDANCE_MODES",
+    "DEFAULT_ORTHOGONAL",
+    "orthogonal_for",
+    "guidance_kwargs",
+    "check_guidance_interval",
+]
 
 SOLVER_VARIANTS: dict[str, tuple[str, int]] = {
     "gm-ode2": ("gm-ode", 2),
@@ -28,3 +41,32 @@ classifier-free guidance (g >= 1)."""
 DEFAULT_ORTHOGONAL = {"probabilistic": 1.0, "cfg": 0.0}
 """Orthogonal-projection strength o per guidance mode when none is given: the paper's 1 for
 probabilistic guidance, 0 (plain CFG, the baseline) for vanilla CFG."""
+
+
+def orthogonal_for(mode: str, orthogonal: Any) -> Any:
+    """The orthogonal strength in use: ``orthogonal``, or the mode's default when it is None."""
+    return DEFAULT_ORTHOGONAL[mode] if orthogonal is None else orthogonal
+
+
+def guidance_kwargs(mode: str, orthogonal: float | None) -> dict[str, Any]:
+    """``gmflow.flow.sample``'s guidance arguments for a mode and strength o (None = default).
+
+    The two modes read their own strength argument (``orthogonal_guidance`` for probabilistic
+    guidance, ``cfg_orthogonal_guidance`` for CFG); the other keeps its neutral value.
+    """
+    o = float(orthogonal_for(mode, orthogonal))
+    cfg = mode == "cfg"
+    return {
+        "guidance": mode,
+        "orthogonal_guidance": 1.0 if cfg else o,
+        "cfg_orthogonal_guidance": o if cfg else 0.0,
+    }
+
+
+def check_guidance_interval(name: str, interval: Any) -> None:
+    """Refuse a guidance interval that is not two noise levels 0 <= σ_a <= σ_b <= 1 (or None)."""
+    if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
+        raise ConfigError(
+            f"{name} {list(interval)} must be two noise levels 0 <= sigma_a <= sigma_b <= 1 "
+            "(guidance applies for sigma_a <= sigma <= sigma_b)"
+        )

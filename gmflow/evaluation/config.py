@@ -17,10 +17,11 @@ from typing import Any, Literal
 
 from gmflow.errors import ConfigError
 from gmflow.solver_names import (
-    DEFAULT_ORTHOGONAL,
     GUIDANCE_MODES,
     SOLVER_VARIANTS,
     STOCHASTIC_SOLVERS,
+    check_guidance_interval,
+    orthogonal_for,
 )
 
 __all__ = [
@@ -169,14 +170,7 @@ class EvalConfig:
                 )
         if not 0 <= self.orthogonal <= 1:
             raise ConfigError(f"orthogonal_guidance must lie in [0, 1], got {self.orthogonal}")
-        interval = self.guidance_interval
-        if interval is not None and (
-            len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1
-        ):
-            raise ConfigError(
-                f"guidance_interval {list(interval)} must be two noise levels 0 <= sigma_a <= "
-                "sigma_b <= 1 (guidance applies for sigma_a <= sigma <= sigma_b), or null"
-            )
+        check_guidance_interval("guidance_interval", self.guidance_interval)
         _check_int("num_samples", self.num_samples, minimum=2)
         for name in ("batch_size", "shard_size", "feature_batch_size", "prc_neighborhood"):
             _check_int(name, getattr(self, name))
@@ -204,9 +198,7 @@ class EvalConfig:
     @property
     def orthogonal(self) -> float:
         """The orthogonal-projection strength o in use (the mode's default when None)."""
-        if self.orthogonal_guidance is None:
-            return DEFAULT_ORTHOGONAL.get(self.guidance_mode, 1.0)
-        return float(self.orthogonal_guidance)
+        return float(orthogonal_for(self.guidance_mode, self.orthogonal_guidance))
 
     def points(self) -> list[SweepPoint]:
         """The sweep in evaluation order (:func:`sweep_points`)."""

@@ -39,7 +39,7 @@ from torch import Tensor
 from gmflow.errors import DataError
 from gmflow.evaluation.config import EVAL_SOLVERS, NOISE_SEED_OFFSET, SEED_STRIDE, SweepPoint
 from gmflow.gm.random import row_generators
-from gmflow.solver_names import DEFAULT_ORTHOGONAL
+from gmflow.solver_names import guidance_kwargs
 
 __all__ = [
     "NOISE_SEED_OFFSET",
@@ -174,10 +174,6 @@ def sample_batch(
     from gmflow.model_loading import decode_images
 
     solver, order = EVAL_SOLVERS[point.solver]
-    cfg = point.guidance_mode == "cfg"
-    o = orthogonal_guidance
-    if o is None:
-        o = DEFAULT_ORTHOGONAL[point.guidance_mode]
     device = next(model.denoiser.parameters()).device
     shape = (model.in_channels, model.sample_size, model.sample_size)
     labels, noise = sample_inputs(index, seed, model.num_classes, shape)
@@ -193,9 +189,7 @@ def sample_batch(
         num_substeps=point.num_substeps if solver == "gm-ode" else None,
         order=order,
         guidance_scale=point.guidance_scale,
-        guidance=point.guidance_mode,
-        orthogonal_guidance=1.0 if cfg else o,  # each mode reads its own strength
-        cfg_orthogonal_guidance=o if cfg else 0.0,
+        **guidance_kwargs(point.guidance_mode, orthogonal_guidance),
         guidance_interval=guidance_interval,
         null_class_id=model.num_classes,
         shift=model.shift,

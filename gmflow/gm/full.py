@@ -122,16 +122,16 @@ def full_gm_to_iso_gaussian(gm: FullGaussianMixture) -> IsoGaussian:
     return IsoGaussian(g.mean.movedim(-1, -3), var.unsqueeze(-3))
 
 
-def full_gm_logprob(gm: FullGaussianMixture, x: Tensor, name: str = "gm_logprob") -> Tensor:
+def full_gm_logprob(gm: FullGaussianMixture, x: Tensor) -> Tensor:
     """Mixture log-density per pixel for x (..., n, C, H, W), returned as (..., n, H, W).
 
     log p(x) = logsumexp_k [log A_k − ½ ‖L_k⁻¹(x − μ_k)‖² − Σ_i log (L_k)_ii − (C/2) log 2π],
     Σ_k = L_k L_kᵀ (Cholesky).
     """
-    _check_points(name, gm, x)
+    _check_points("gm_logprob", gm, x)
     gm, (x,) = _promote(gm, x)
     c = gm.num_channels
-    tril = _scale_tril(name, gm.covs)  # (..., 1|K, H, W, C, C)
+    tril = _scale_tril("gm_logprob", gm.covs)  # (..., 1|K, H, W, C, C)
     diffs = x.movedim(-3, -1).unsqueeze(-4) - gm.means.unsqueeze(-5)  # (..., n, K, H, W, C)
     white = torch.linalg.solve_triangular(tril.unsqueeze(-6), diffs.unsqueeze(-1), upper=False)
     half_logdet = torch.diagonal(tril, dim1=-2, dim2=-1).log().sum(dim=-1)  # (..., 1|K, H, W)

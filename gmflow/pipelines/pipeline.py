@@ -189,9 +189,7 @@ class GMDiTPipeline(DiffusionPipeline):
                     f"h=1; got h={scheduler.config.h}"
                 )
             return "gm-sde", None
-        if not isinstance(scheduler, FlowEulerODEScheduler | FlowSDEScheduler) and takes_velocity(
-            scheduler
-        ):  # a Diffusers scheduler as a flow-matching baseline on the GM mean
+        if takes_velocity(scheduler):  # a Diffusers scheduler: a flow-matching baseline
             if output_mode != "mean" or num_substeps != 1:
                 raise ConfigError(
                     f"{type(scheduler).__name__} runs on the GM mean as a flow-matching baseline: "
