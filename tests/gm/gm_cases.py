@@ -34,3 +34,11 @@ def random_gm(b, k, c, hw, dtype=F64, per_component=False, seed=0):  # type: ign
     ks = k if per_component else 1
     logstds = (0.05 + 1.95 * torch.rand(b, ks, 1, 1, 1, generator=g, dtype=F64)).log()
     return GaussianMixture(means, logweights, logstds).to(dtype)
+
+
+def random_spd(  # type: ignore[no-untyped-def]
+    *batch: int, C: int, generator=None, scale: float = 1.0, jitter: float = 0.3
+) -> torch.Tensor:
+    """Random SPD matrices (*batch, C, C) in fp64: scale · A Aᵀ + jitter · I, A ~ N(0, 1)."""
+    a = torch.randn(*batch, C, C, generator=generator, dtype=F64)
+    return scale * (a @ a.transpose(-1, -2)) + jitter * torch.eye(C, dtype=F64)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import gm_cases
 import numpy as np
 import pytest
 import torch
@@ -41,8 +42,8 @@ TOL = {"rtol": 1e-12, "atol": 1e-12}
 
 
 def random_spd(*batch: int, C: int, generator: torch.Generator) -> torch.Tensor:
-    a = torch.randn(*batch, C, C, generator=generator, dtype=f64)
-    return a @ a.transpose(-1, -2) / C + 0.2 * torch.eye(C, dtype=f64)
+    """SPD covariances of unit scale: A Aᵀ / C + 0.2 I."""
+    return gm_cases.random_spd(*batch, C=C, generator=generator, scale=1 / C, jitter=0.2)
 
 
 def random_full_gm(

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from gm_cases import random_spd
 from torch.testing import assert_close
 
 from gmflow.gm import (
@@ -39,11 +40,6 @@ def random_iso(C: int, HW: int, batch: int = 2) -> IsoGaussian:
     return IsoGaussian(
         torch.randn(batch, C, HW, HW, dtype=f64), 0.1 + 1.9 * torch.rand(batch, 1, 1, 1, dtype=f64)
     )
-
-
-def random_spd(*batch: int, C: int) -> torch.Tensor:
-    a = torch.randn(*batch, C, C, dtype=f64)
-    return a @ a.transpose(-1, -2) + 0.3 * torch.eye(C, dtype=f64)
 
 
 def points(gm: GaussianMixture, n: int = 8) -> torch.Tensor:
